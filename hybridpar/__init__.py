@@ -1,0 +1,59 @@
+"""hybridpar: tensor parallelism, RadixAttention under TP, and hybrid tensor + token parallelism.
+
+The package mirrors the book:
+
+=================================  ==========================================
+chapter                            module
+=================================  ==========================================
+1 Why distribute inference         :mod:`hybridpar.roofline`
+2 Collectives                      :mod:`hybridpar.distributed`
+3 Tensor-parallel layers           :mod:`hybridpar.layers`
+4 A tensor-parallel transformer    :mod:`hybridpar.models`
+5 RadixAttention under TP          :mod:`hybridpar.radix`
+6 Token parallelism                :mod:`hybridpar.tknp`
+7 Performance                      ``bench/``
+=================================  ==========================================
+
+Public names are resolved lazily (PEP 562) so that ``import hybridpar`` stays cheap and
+never imports transformers, matplotlib or ipywidgets.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # launcher
+    "launch": "hybridpar.distributed.launcher",
+    "run_torchrun": "hybridpar.distributed.launcher",
+    "resolve_backend": "hybridpar.distributed.launcher",
+    "current_device": "hybridpar.distributed.launcher",
+    "RankFailedError": "hybridpar.distributed.launcher",
+    "LaunchTimeoutError": "hybridpar.distributed.launcher",
+    # process groups
+    "initialize_model_parallel": "hybridpar.distributed.parallel_state",
+    "initialize_tensor_parallel": "hybridpar.distributed.parallel_state",
+    "destroy_model_parallel": "hybridpar.distributed.parallel_state",
+    "compute_layout": "hybridpar.distributed.parallel_state",
+    "get_tp_group": "hybridpar.distributed.parallel_state",
+    "get_tknp_group": "hybridpar.distributed.parallel_state",
+    "ParallelConfig": "hybridpar.config",
+    "ParallelConfigError": "hybridpar.distributed.parallel_state",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hybridpar' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
