@@ -1,0 +1,416 @@
+"""RadixCache: a radix tree from token sequences to the KV-cache slots that hold them (SGLang).
+
+Each edge of the tree carries a run of tokens (``node.key``) and the slots of their KV
+(``node.value``, int64, same length). The path from the root to a node spells a token
+prefix; its KV is the concatenation of the values on that path, so requests that share a
+prompt prefix share its KV instead of recomputing it.
+
+Invariants (verified by :meth:`RadixCache.check_integrity`):
+
+* Paging: every key has a length that is a multiple of ``page_size`` and every value is a
+  run of whole pages, so matching, splitting and eviction never cut a page. Children are
+  indexed by their first page of tokens.
+* Ownership: the tree owns the slots in its values; each slot is owned by the tree, by
+  one request, or is free, never two of these at once.
+* Locks: ``lock_ref`` of a node counts the holders (requests or other users) whose locked
+  node is this node or below it. Locked nodes (``lock_ref > 0``) are never evicted; their
+  tokens are counted in ``protected_size``, the others in ``evictable_size``.
+* LRU: every match or insert stamps the nodes it walks with the next value of a logical
+  clock, so a parent is never older than its children; :meth:`evict` frees unlocked leaves
+  oldest first. The clock is a counter, not wall time, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hybridpar.radix.integrity import IntegrityError, check_integrity
+from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
+from hybridpar.radix.request import Req
+
+@dataclass
+class MatchResult:
+    """Result of :meth:`RadixCache.match_prefix`.
+
+    ``device_indices`` are the int64 slots of the matched prefix (length is a multiple of
+    ``page_size``, possibly 0); ``last_node`` is the node where the match ends (the root
+    for an empty match): lock it to keep the prefix from being evicted.
+    """
+
+    device_indices: torch.Tensor
+    last_node: TreeNode
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.device_indices)
+
+
+class TreeNode:
+    """One edge of the radix tree: ``key`` tokens whose KV lives in slots ``value``."""
+
+    def __init__(self, node_id: int, key: tuple[int, ...], value: torch.Tensor, parent: TreeNode | None, now: int):
+        self.id = node_id
+        self.key = key
+        self.value = value
+        self.parent = parent
+        self.children: dict[Any, TreeNode] = {}
+        self.lock_ref = 0
+        self.last_access_time = now
+
+    def __lt__(self, other: TreeNode) -> bool:  # heap order for eviction: oldest first, ties by id
+        return (self.last_access_time, self.id) < (other.last_access_time, other.id)
+
+    def __repr__(self) -> str:
+        return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref}, t={self.last_access_time})"
+
+
+def _as_tokens(key: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
+    return tuple(key.tolist()) if isinstance(key, torch.Tensor) else tuple(int(t) for t in key)
+
+
+class RadixCache:
+    """Prefix cache over a :class:`ReqToTokenPool` and a :class:`TokenToKVPoolAllocator`.
+
+    ``page_size`` defaults to the allocator's and must equal it. With ``disable=True``
+    the tree stays empty: matches return nothing and finished requests free all their
+    slots (the baseline that RadixAttention is compared against).
+    """
+
+    def __init__(
+        self,
+        req_to_token_pool: ReqToTokenPool,
+        token_to_kv_pool_allocator: TokenToKVPoolAllocator,
+        page_size: int | None = None,
+        disable: bool = False,
+    ) -> None:
+        if page_size is not None and page_size != token_to_kv_pool_allocator.page_size:
+            raise ValueError(
+                f"page_size={page_size} differs from the allocator's page_size="
+                f"{token_to_kv_pool_allocator.page_size}; build both with the same page_size."
+            )
+        self.req_to_token_pool = req_to_token_pool
+        self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
+        self.page_size = token_to_kv_pool_allocator.page_size
+        self.device = token_to_kv_pool_allocator.device
+        self.disable = disable
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget the whole tree. Like SGLang's flush, the caller also clears both pools."""
+        self._clock = 0
+        self._next_id = 0
+        self.root_node = self._new_node((), self._empty(), None)
+        self.root_node.lock_ref = 1  # the root is always protected and holds no tokens
+        self._evictable_size = 0
+        self._protected_size = 0
+
+    def evictable_size(self) -> int:
+        return self._evictable_size
+
+    def protected_size(self) -> int:
+        return self._protected_size
+
+    def total_size(self) -> int:
+        """Tokens in the tree, counted by walking it (the counters are checked against this)."""
+        return sum(len(n.key) for n in self.nodes())
+
+    def nodes(self) -> Iterator[TreeNode]:
+        """All nodes except the root, parents before children."""
+        stack = list(self.root_node.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    # ---------------------------------------------------------------- helpers
+    def _empty(self) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.int64, device=self.device)
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _new_node(self, key: tuple[int, ...], value: torch.Tensor, parent: TreeNode | None, now: int = 0) -> TreeNode:
+        node = TreeNode(self._next_id, key, value, parent, now)
+        self._next_id += 1
+        return node
+
+    def child_key(self, key: tuple[int, ...]) -> Any:
+        """Index of a child in its parent: its first token (page_size 1) or first page."""
+        return key[0] if self.page_size == 1 else key[: self.page_size]
+
+    def _match_len(self, a: tuple[int, ...], b: tuple[int, ...]) -> int:
+        """Length of the common prefix of two page-aligned keys, in whole pages."""
+        ps, n, i = self.page_size, min(len(a), len(b)), 0
+        while i < n and a[i : i + ps] == b[i : i + ps]:
+            i += ps
+        return i
+
+    def _aligned(self, n: int) -> int:
+        return n // self.page_size * self.page_size
+
+    def _split(self, child: TreeNode, n: int) -> TreeNode:
+        """Cut ``child`` after ``n`` tokens; returns the new upper node (same lock and time)."""
+        upper = self._new_node(child.key[:n], child.value[:n].clone(), child.parent, child.last_access_time)
+        upper.lock_ref = child.lock_ref
+        child.parent.children[self.child_key(child.key)] = upper
+        child.key, child.value, child.parent = child.key[n:], child.value[n:].clone(), upper
+        upper.children[self.child_key(child.key)] = child
+        return upper
+
+    def _walk(self, key: tuple[int, ...]) -> tuple[TreeNode, list[torch.Tensor], int]:
+        """Follow ``key`` (page aligned) from the root, splitting the node where it stops.
+
+        Stamps every node on the path with a fresh clock value. Returns the last node,
+        the values along the path, and the matched length.
+        """
+        now = self._tick()
+        node, values, pos = self.root_node, [], 0
+        node.last_access_time = now
+        while pos < len(key):
+            child = node.children.get(self.child_key(key[pos:]))
+            if child is None:
+                break
+            n = self._match_len(child.key, key[pos:])
+            if n < len(child.key):
+                child = self._split(child, n)
+            child.last_access_time = now
+            values.append(child.value)
+            pos += n
+            node = child
+        return node, values, pos
+
+    def path_to_root(self, node: TreeNode) -> list[TreeNode]:
+        """``node`` and its ancestors, root excluded; raises if ``node`` left the tree."""
+        path = []
+        while node is not self.root_node:
+            parent = node.parent
+            if parent is None or parent.children.get(self.child_key(node.key)) is not node:
+                raise IntegrityError(
+                    f"{node} is not attached to this tree (evicted, or the cache was reset); match the prefix again."
+                )
+            path.append(node)
+            node = parent
+        return path
+
+    # ------------------------------------------------------------- public API
+    def match_prefix(self, key: Sequence[int] | torch.Tensor) -> MatchResult:
+        """Longest cached prefix of ``key`` in whole pages (``len(key)`` is rounded down).
+
+        May split a node so that ``last_node`` ends exactly at the match; refreshes the
+        LRU time of the matched path. Never allocates or frees slots.
+        """
+        key = _as_tokens(key)
+        key = key[: self._aligned(len(key))]
+        if self.disable or not key:
+            return MatchResult(self._empty(), self.root_node)
+        node, values, _ = self._walk(key)
+        return MatchResult(torch.cat(values) if values else self._empty(), node)
+
+    def match_prefix_for_req(self, req: Req) -> MatchResult:
+        """Match for admission: at most ``len(all_ids) - 1`` tokens, page aligned.
+
+        At least one token of every prompt is computed, so even a fully cached prompt
+        produces the logits of its next token. Sets ``req.prefix_indices`` and
+        ``req.last_node`` (not locked: lock before anything can evict).
+        """
+        ids = req.all_ids
+        result = self.match_prefix(ids[: max(len(ids) - 1, 0)])
+        req.prefix_indices, req.last_node = result.device_indices, result.last_node
+        return result
+
+    def insert(self, key: Sequence[int] | torch.Tensor, value: torch.Tensor) -> int:
+        """Cache ``key`` with KV slots ``value``; returns the length that was already cached.
+
+        ``len(key)`` must be a multiple of ``page_size``. The tree takes ownership of
+        ``value[prefix_len:]``; the caller still owns ``value[:prefix_len]`` and must free
+        those slots unless they are the tree's own (e.g. a locked, matched prefix).
+        """
+        if self.disable:
+            raise RuntimeError("insert() on a disabled RadixCache; use cache_finished_req(), which frees the slots.")
+        key = _as_tokens(key)
+        if len(key) % self.page_size or len(value) != len(key):
+            raise ValueError(
+                f"insert needs len(key) % page_size == 0 and len(value) == len(key), got {len(key)}, "
+                f"{len(value)} with page_size={self.page_size}; truncate both to len(key) // page_size * page_size."
+            )
+        node, _, prefix_len = self._walk(key)
+        if prefix_len < len(key):
+            leaf = self._new_node(
+                key[prefix_len:], value[prefix_len:].to(self.device, torch.int64).clone(), node, self._clock
+            )
+            node.children[self.child_key(leaf.key)] = leaf
+            self._evictable_size += len(leaf.key)
+        return prefix_len
+
+    def evict(self, num_tokens: int) -> int:
+        """Free at least ``num_tokens`` cached tokens, least recently used leaves first.
+
+        Stops early when nothing unlocked is left. Returns the number of tokens freed
+        (whole nodes, so possibly more than asked).
+        """
+        if self.disable or num_tokens <= 0:
+            return 0
+        heap = [n for n in self.nodes() if not n.children and n.lock_ref == 0]
+        heapq.heapify(heap)
+        evicted = 0
+        while evicted < num_tokens and heap:
+            node = heapq.heappop(heap)
+            self.token_to_kv_pool_allocator.free(node.value)
+            evicted += len(node.key)
+            self._evictable_size -= len(node.key)
+            parent = node.parent
+            del parent.children[self.child_key(node.key)]
+            if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, parent)
+        return evicted
+
+    def inc_lock_ref(self, node: TreeNode) -> int:
+        """Lock ``node`` and its ancestors; returns the change of ``evictable_size`` (<= 0)."""
+        if self.disable:
+            return 0
+        delta = 0
+        for n in self.path_to_root(node):
+            if n.lock_ref == 0:
+                delta -= len(n.key)
+            n.lock_ref += 1
+        self._evictable_size += delta
+        self._protected_size -= delta
+        return delta
+
+    def dec_lock_ref(self, node: TreeNode) -> int:
+        """Release one lock taken by :meth:`inc_lock_ref`; returns the change of ``evictable_size`` (>= 0)."""
+        if self.disable:
+            return 0
+        path = self.path_to_root(node)
+        for n in path:
+            if n.lock_ref < 1:
+                raise IntegrityError(f"dec_lock_ref would make lock_ref negative at {n}; every dec needs a matching inc.")
+        delta = 0
+        for n in path:
+            n.lock_ref -= 1
+            if n.lock_ref == 0:
+                delta += len(n.key)
+        self._evictable_size += delta
+        self._protected_size -= delta
+        return delta
+
+    # ------------------------------------------------------------ request hooks
+    def _row(self, req: Req) -> torch.Tensor:
+        if req.req_pool_idx is None:
+            raise ValueError(f"request {req.rid!r} has no req_to_token row; admit it with start_req() first.")
+        if req.kv_len > len(req.all_ids):
+            raise ValueError(f"request {req.rid!r}: kv_len={req.kv_len} exceeds its {len(req.all_ids)} tokens.")
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_len]
+        return row.to(self.device, torch.int64)
+
+    def cache_finished_req(self, req: Req) -> None:
+        """Hand a finished request's KV to the tree and release everything it holds.
+
+        The page-aligned part of ``all_ids[:kv_len]`` is inserted; slots that duplicate
+        tokens someone else cached meanwhile are freed, and so is the unaligned tail (its
+        page belongs to this request alone). The lock and the req_to_token row are released.
+        """
+        row = self._row(req)
+        if self.disable:
+            self.token_to_kv_pool_allocator.free(row)
+        else:
+            aligned = self._aligned(req.kv_len)
+            prefix_len = self.insert(req.all_ids[:aligned], row[:aligned])
+            if prefix_len < req.cache_protected_len:
+                raise IntegrityError(f"request {req.rid!r}: its locked prefix of {req.cache_protected_len} tokens left the tree.")
+            self.token_to_kv_pool_allocator.free(row[req.cache_protected_len : prefix_len])
+            self.token_to_kv_pool_allocator.free(row[aligned:])
+            if req.last_node is not None:
+                self.dec_lock_ref(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.last_node, req.cache_protected_len = None, None, 0
+        req.prefix_indices = self._empty()
+
+    def cache_unfinished_req(self, req: Req) -> None:
+        """Cache the KV computed so far by a running request (after a chunked-prefill step).
+
+        Inserts the page-aligned part of ``all_ids[:kv_len]``, frees duplicates, points the
+        row at the tree's slots, moves the request's lock down to the new last node and sets
+        ``prefix_indices`` to the whole row (the partial last page stays the request's own).
+        """
+        row = self._row(req)
+        if not self.disable:
+            aligned = self._aligned(req.kv_len)
+            key = req.all_ids[:aligned]
+            prefix_len = self.insert(key, row[:aligned])
+            if prefix_len < req.cache_protected_len:
+                raise IntegrityError(f"request {req.rid!r}: its locked prefix of {req.cache_protected_len} tokens left the tree.")
+            self.token_to_kv_pool_allocator.free(row[req.cache_protected_len : prefix_len])
+            match = self.match_prefix(key)
+            if match.prefix_len != aligned:
+                raise IntegrityError(f"request {req.rid!r}: matched {match.prefix_len} of {aligned} tokens just inserted.")
+            self.req_to_token_pool.write(req.req_pool_idx, req.cache_protected_len, match.device_indices[req.cache_protected_len :])
+            self.inc_lock_ref(match.last_node)
+            if req.last_node is not None:
+                self.dec_lock_ref(req.last_node)
+            req.last_node, req.cache_protected_len = match.last_node, aligned
+        req.prefix_indices = self._row(req)
+
+    # ---------------------------------------------------------------- display
+    def to_dict(self) -> dict[str, Any]:
+        """The tree as plain data (for the book's radix-tree explorer).
+
+        Each node: ``id``, ``num_tokens``, ``tokens``, ``lock_ref``, ``last_access_time``,
+        ``evict_rank`` (0 = the next leaf :meth:`evict` would free, ``None`` if not
+        evictable now) and ``children`` (sorted by first token).
+        """
+        leaves = sorted(n for n in self.nodes() if not n.children and n.lock_ref == 0)
+        rank = {n.id: i for i, n in enumerate(leaves)}
+
+        def node_dict(node: TreeNode) -> dict[str, Any]:
+            return {
+                "id": node.id,
+                "num_tokens": len(node.key),
+                "tokens": list(node.key),
+                "lock_ref": node.lock_ref,
+                "last_access_time": node.last_access_time,
+                "evict_rank": rank.get(node.id),
+                "children": [node_dict(c) for c in sorted(node.children.values(), key=lambda c: c.key)],
+            }
+
+        return {
+            "page_size": self.page_size,
+            "disabled": self.disable,
+            "clock": self._clock,
+            "evictable_size": self._evictable_size,
+            "protected_size": self._protected_size,
+            "root": node_dict(self.root_node),
+        }
+
+    def pretty_print(self, max_tokens: int = 8) -> str:
+        """Print (and return) an indented outline of the tree."""
+        lines: list[str] = []
+
+        def visit(d: dict[str, Any], depth: int) -> None:
+            toks = " ".join(map(str, d["tokens"][:max_tokens])) + (" ..." if d["num_tokens"] > max_tokens else "")
+            lines.append(f"{'  ' * depth}#{d['id']} [{toks}] n={d['num_tokens']} lock={d['lock_ref']} t={d['last_access_time']}")
+            for c in d["children"]:
+                visit(c, depth + 1)
+
+        tree = self.to_dict()
+        visit(tree["root"], 0)
+        lines.append(f"evictable={tree['evictable_size']} protected={tree['protected_size']}")
+        text = "\n".join(lines)
+        print(text)
+        return text
+
+    def check_integrity(self, reqs: Sequence[Req] | None = None, locked_nodes: Sequence[TreeNode] = ()) -> None:
+        """Raise :class:`IntegrityError` unless tree, counters, pools and requests agree.
+
+        Pass ``reqs`` = every request that holds a req_to_token row to make the check exact
+        (lock counts, free + cached + in-use == pool size, no leaked rows); ``locked_nodes``
+        lists the other holders of locks, one entry per :meth:`inc_lock_ref`.
+        """
+        check_integrity(self, reqs, locked_nodes)
