@@ -39,8 +39,22 @@ _EXPORTS: dict[str, str] = {
     "compute_layout": "hybridpar.distributed.parallel_state",
     "get_tp_group": "hybridpar.distributed.parallel_state",
     "get_tknp_group": "hybridpar.distributed.parallel_state",
+    "get_layout": "hybridpar.distributed.parallel_state",
+    "get_tensor_model_parallel_rank": "hybridpar.distributed.parallel_state",
+    "get_tensor_model_parallel_world_size": "hybridpar.distributed.parallel_state",
+    "is_tknp_root": "hybridpar.distributed.parallel_state",
+    "RankLayout": "hybridpar.distributed.parallel_state",
+    "GroupCoordinator": "hybridpar.distributed.parallel_state",
     "ParallelConfig": "hybridpar.config",
-    "ParallelConfigError": "hybridpar.distributed.parallel_state",
+    "ColumnParallelLinear": "hybridpar.layers",
+    "RowParallelLinear": "hybridpar.layers",
+    "MergedColumnParallelLinear": "hybridpar.layers",
+    "QKVParallelLinear": "hybridpar.layers",
+    "VocabParallelEmbedding": "hybridpar.layers",
+    "ParallelLMHead": "hybridpar.layers",
+    "valid_tp_sizes": "hybridpar.layers",
+    "validate_tp_size": "hybridpar.layers",
+    "ParallelConfigError": "hybridpar.config",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
