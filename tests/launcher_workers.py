@@ -37,7 +37,7 @@ def raise_on(bad_rank: int, pid_dir: str | None = None) -> None:
     dist.barrier()
     if dist.get_rank() == bad_rank:
         raise ValueError(f"deliberate failure on rank {bad_rank}")
-    dist.all_reduce(torch.ones(1))
+    dist.all_reduce(torch.ones(1, device=current_device()))
 
 
 def exit_on(bad_rank: int, code: int, pid_dir: str | None = None) -> None:
@@ -46,7 +46,7 @@ def exit_on(bad_rank: int, code: int, pid_dir: str | None = None) -> None:
     dist.barrier()
     if dist.get_rank() == bad_rank:
         os._exit(code)
-    dist.all_reduce(torch.ones(1))
+    dist.all_reduce(torch.ones(1, device=current_device()))
 
 
 def hang_on(bad_rank: int, pid_dir: str | None = None) -> None:

@@ -10,15 +10,24 @@ Design
   threads is unsafe; spawning is safe everywhere. The price: ``fn`` travels by *reference*
   (module + name), so it must live in an importable module. This is checked before spawning.
 * **One pipe per rank, watched together with the process sentinels.** A rank sends exactly one
-  message, ``("ok", rank, value)`` or ``("err", rank, traceback_text)``. The parent blocks in
-  ``multiprocessing.connection.wait`` on all pipes *and* all process sentinels, so it wakes
-  the moment a rank reports or dies (``os._exit``, segfault, OOM kill) - no polling, and a rank
-  that dies silently is noticed through its exit code.
+  message, ``("ok", rank, value, t)`` or ``("err", rank, traceback_text, t)``, pickled by the rank
+  itself so that an unpicklable result becomes an error report instead of a silent loss (a
+  ``multiprocessing.Queue`` pickles in a background thread and only prints such errors). The
+  parent blocks in ``multiprocessing.connection.wait`` on all pipes *and* all process sentinels,
+  so it wakes the moment a rank reports or dies (``os._exit``, segfault, OOM kill): no polling,
+  and a rank that dies silently is noticed through its exit code.
 * **Kill on first failure.** When one rank fails, its peers are usually blocked in a collective
   that can never complete. Waiting for them would hang the cell, so the parent terminates every
   rank (SIGTERM, then SIGKILL) and raises :class:`RankFailedError` with the failing rank's
   traceback. A ``try/finally`` applies the same clean-up to every exit path (timeout,
-  KeyboardInterrupt from an interrupted cell), so no rank outlives ``launch``.
+  KeyboardInterrupt from an interrupted cell), so no rank outlives ``launch``. Ranks ignore
+  SIGINT (the parent decides) and ask the kernel to kill them if the parent process dies.
+* **Root cause, not symptom.** Peers of a failed rank fail too ("connection closed by peer").
+  The parent gathers failures for a moment and reports the earliest one: reports carry the
+  rank's ``time.monotonic()`` (one clock for all processes of a machine), and a rank that died
+  without a report always counts as first. The peers' errors are listed after its traceback.
+* **Quiet ranks.** With ``quiet=True`` (the default) a rank's file descriptors 1 and 2 point to
+  /dev/null, so neither its prints nor gloo/NCCL's C++ logs land in the notebook.
 * **Timeouts in two layers.** ``timeout`` bounds the whole launch; the process-group timeout is
   set a little longer, so a stuck collective still errors out on its own if the parent is gone,
   while the parent's :class:`LaunchTimeoutError` (which names the stuck ranks) comes first.
@@ -264,7 +273,8 @@ class _PortTaken(Exception):
     """Rank 0 could not listen on the probed port: someone else took it in between."""
 
 
-def _launch_once(fn, nprocs, args, kwargs, backend, timeout, quiet, port_retry=True) -> list[Any]:
+def _launch_once(fn: Callable[..., Any], nprocs: int, args: tuple, kwargs: dict, backend: str, timeout: float,
+                 quiet: bool, port_retry: bool = True) -> list[Any]:
     ctx = mp.get_context("spawn")
     port, deadline = _free_port(), time.monotonic() + timeout
     procs: list[Any] = []
