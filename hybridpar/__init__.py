@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     # launcher
     "launch": "hybridpar.distributed.launcher",
     "run_torchrun": "hybridpar.distributed.launcher",
+    "is_torchrun": "hybridpar.distributed.launcher",
     "resolve_backend": "hybridpar.distributed.launcher",
     "current_device": "hybridpar.distributed.launcher",
     "RankFailedError": "hybridpar.distributed.launcher",
