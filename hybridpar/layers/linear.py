@@ -23,6 +23,7 @@ never materialises the full tensor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -242,13 +243,50 @@ def validate_tp_size(total_num_heads: int, total_num_kv_heads: int | None, tp_si
     )
 
 
+@dataclass(frozen=True)
+class QKVPartition:
+    """The attention heads one TP rank holds (pure data; see :func:`qkv_partition`).
+
+    Invariants: the rank holds query heads ``[q_head_start, q_head_start + num_heads)`` and KV heads
+    ``[kv_head_start, kv_head_start + num_kv_heads)``; each KV head is held by ``num_kv_head_replicas``
+    consecutive ranks (1 unless ``tp > total_num_kv_heads``).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    num_kv_head_replicas: int
+    q_head_start: int
+    kv_head_start: int
+
+
+def qkv_partition(total_num_heads: int, total_num_kv_heads: int | None, tp_size: int, tp_rank: int) -> QKVPartition:
+    """Which query and KV heads ``tp_rank`` of ``tp_size`` holds (pure; no process group needed).
+
+    Query heads are split evenly. KV heads are split evenly when ``tp_size <= total_num_kv_heads``;
+    otherwise every rank holds one KV head and ``tp_size / total_num_kv_heads`` consecutive ranks
+    share (replicate) it, so rank ``r`` holds KV head ``r // replicas``.
+    """
+    kv = total_num_kv_heads or total_num_heads
+    validate_tp_size(total_num_heads, kv, tp_size)
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank={tp_rank} is outside [0, tp_size={tp_size})")
+    num_heads = total_num_heads // tp_size
+    num_kv_heads, replicas = (1, tp_size // kv) if tp_size >= kv else (kv // tp_size, 1)
+    return QKVPartition(
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        num_kv_head_replicas=replicas,
+        q_head_start=tp_rank * num_heads,
+        kv_head_start=(tp_rank // replicas) * num_kv_heads,
+    )
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """The fused Q, K, V projections of (grouped-query) attention, split by heads.
 
-    Per rank: ``num_heads = total_num_heads/tp`` query heads. KV heads: if ``tp >= total_num_kv_heads``
-    each rank holds ``num_kv_heads = 1`` head, replicated on ``num_kv_head_replicas = tp/total_num_kv_heads``
-    ranks (rank ``r`` holds KV head ``r // num_kv_head_replicas``); otherwise ``num_kv_heads =
-    total_num_kv_heads/tp`` and no replication. The local output is ``[q | k | v]`` with widths
+    Which heads this rank holds is :func:`qkv_partition` (kept in ``self.partition``): ``num_heads =
+    total_num_heads/tp`` query heads; ``num_kv_heads = total_num_kv_heads/tp`` KV heads, or, when
+    ``tp > total_num_kv_heads``, one KV head replicated on ``num_kv_head_replicas`` ranks. The local output is ``[q | k | v]`` with widths
     ``q_size, kv_size, kv_size``: ``out.split([layer.q_size, layer.kv_size, layer.kv_size], -1)``.
     """
 
@@ -265,17 +303,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         group = tp_group if tp_group is not None else get_tp_group()
         tp = group.world_size
         total_num_kv_heads = total_num_kv_heads or total_num_heads
-        validate_tp_size(total_num_heads, total_num_kv_heads, tp)
         self.head_size = head_size
         self.total_num_heads = total_num_heads
         self.total_num_kv_heads = total_num_kv_heads
-        self.num_heads = total_num_heads // tp
-        if tp >= total_num_kv_heads:
-            self.num_kv_heads = 1
-            self.num_kv_head_replicas = tp // total_num_kv_heads
-        else:
-            self.num_kv_heads = total_num_kv_heads // tp
-            self.num_kv_head_replicas = 1
+        self.partition = qkv_partition(total_num_heads, total_num_kv_heads, tp, group.rank_in_group)
+        self.num_heads = self.partition.num_heads
+        self.num_kv_heads = self.partition.num_kv_heads
+        self.num_kv_head_replicas = self.partition.num_kv_head_replicas
         self.q_size = self.num_heads * head_size
         self.kv_size = self.num_kv_heads * head_size
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp * head_size
@@ -284,7 +318,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     @property
     def kv_head_start(self) -> int:
         """Index of this rank's first KV head in the checkpoint."""
-        return (self.tp_rank // self.num_kv_head_replicas) * self.num_kv_heads
+        return self.partition.kv_head_start
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: LoadedWeight, loaded_shard_id: str | None = None
@@ -295,7 +329,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_q, total_kv = self.total_num_heads * hs, self.total_num_kv_heads * hs
         # shard id -> (rows in the checkpoint tensor, offset in it when fused, offset in param, size, this rank's start)
         layout = {
-            "q": (total_q, 0, 0, self.q_size, self.tp_rank * self.q_size),
+            "q": (total_q, 0, 0, self.q_size, self.partition.q_head_start * hs),
             "k": (total_kv, total_q, self.q_size, self.kv_size, self.kv_head_start * hs),
             "v": (total_kv, total_q + total_kv, self.q_size + self.kv_size, self.kv_size, self.kv_head_start * hs),
         }
