@@ -1,0 +1,429 @@
+"""Built-in checkpoints that hybridpar writes itself, and model-name resolution.
+
+The course must run offline, so hybridpar ships *recipes* for small Hugging Face format
+checkpoints instead of downloading one. :func:`default_model_path` writes a recipe on first use
+into a cache directory (``$HYBRIDPAR_CACHE``, default ``~/.cache/hybridpar``)::
+
+    <cache>/models/<name>-<spec hash>/
+        config.json                 transformers-compatible (Qwen2ForCausalLM, LlamaForCausalLM, ...)
+        generation_config.json
+        model.safetensors           or model-0000k-of-0000n.safetensors + model.safetensors.index.json
+        tokenizer.json              byte-level BPE (256 byte tokens, no merges) + special tokens
+        tokenizer_config.json
+
+A built-in checkpoint is then loaded through exactly the same code path as a hub checkpoint
+(``config.json`` -> :mod:`hybridpar.models.config`, safetensors -> :mod:`hybridpar.models.loader`)
+and by ``transformers.AutoModelForCausalLM.from_pretrained`` for the reference runs.
+
+Invariants:
+
+* Weights are a pure function of (recipe, tensor name): every tensor draws from its own generator,
+  seeded from the recipe seed and the tensor name, so a sharded and an unsharded copy of the same
+  recipe hold identical tensors.
+* Writing is atomic: files go to a temporary sibling directory that is renamed into place, so
+  concurrent ranks or processes either see no directory or a complete one.
+* The directory name carries a hash of the recipe: changing a recipe never reuses a stale copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUILTIN_PREFIX = "hybridpar/"
+DEFAULT_MODEL = "qwen2-tiny"
+_RECIPE_VERSION = 2  # bump when the way tensors are generated changes
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither a built-in, nor a usable local directory, nor a reachable hub id."""
+
+
+# --------------------------------------------------------------------------- recipes
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A byte-level tokenizer: ids 0..255 are the bytes, then ``special_tokens`` in order."""
+
+    special_tokens: tuple[str, ...]
+    eos_token: str
+    bos_token: str | None = None
+    add_bos: bool = False  # prepend bos_token to every encoded text (Llama-3 style)
+
+    def token_id(self, token: str) -> int:
+        return 256 + self.special_tokens.index(token)
+
+
+QWEN_TOKENIZER = TokenizerSpec(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos_token="<|endoftext|>")
+LLAMA_TOKENIZER = TokenizerSpec(
+    ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+    eos_token="<|end_of_text|>", bos_token="<|begin_of_text|>", add_bos=True,
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Recipe of one built-in checkpoint: a config.json, a tokenizer and a weight generator."""
+
+    name: str
+    config: dict[str, Any]
+    tokenizer: TokenizerSpec
+    dtype: str = "float32"  # storage dtype of the safetensors files
+    seed: int = 0
+    num_shards: int = 1  # > 1 writes model.safetensors.index.json
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def hash(self) -> str:
+        blob = json.dumps([_RECIPE_VERSION, self.name, self.config, self.tokenizer.__dict__, self.dtype,
+                           self.seed, self.num_shards], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def _qwen2_config(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, *,
+                  max_pos: int, rope_theta: float, eos: int, tie: bool, dtype: str) -> dict[str, Any]:
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "hidden_act": "silu", "max_position_embeddings": max_pos, "rms_norm_eps": 1e-6,
+        "rope_theta": rope_theta, "rope_scaling": None, "tie_word_embeddings": tie,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": layers,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": eos, "eos_token_id": eos, "torch_dtype": dtype,
+    }
+
+
+def _llama_config(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, *,
+                  head_dim: int, max_pos: int, rope_theta: float, rope_scaling: dict | None,
+                  bos: int, eos: int | list[int], dtype: str) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": max_pos, "rms_norm_eps": 1e-5,
+        "rope_theta": rope_theta, "rope_scaling": rope_scaling, "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
+        "initializer_range": 0.02, "use_cache": True, "bos_token_id": bos, "eos_token_id": eos,
+        "torch_dtype": dtype,
+    }
+
+
+_QWEN_EOS = QWEN_TOKENIZER.token_id("<|endoftext|>")
+_LLAMA_BOS = LLAMA_TOKENIZER.token_id("<|begin_of_text|>")
+_LLAMA_EOS = [LLAMA_TOKENIZER.token_id("<|end_of_text|>"), LLAMA_TOKENIZER.token_id("<|eot_id|>")]
+# llama3 scaling with a short original context, so the tiny head_dim=8 hits all three frequency
+# bands of the llama3 rule (kept, smoothed, divided by factor).
+_TINY_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+_QWEN2_TINY = _qwen2_config(259, 64, 128, 2, 4, 2, max_pos=512, rope_theta=10000.0, eos=_QWEN_EOS,
+                            tie=True, dtype="float32")
+_QWEN3_TINY = {
+    **_qwen2_config(259, 64, 128, 2, 4, 2, max_pos=512, rope_theta=1000000.0, eos=_QWEN_EOS, tie=True,
+                    dtype="float32"),
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32, "attention_bias": False,
+}
+
+BUILTIN_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec for spec in [
+        ModelSpec("qwen2-tiny", _QWEN2_TINY, QWEN_TOKENIZER, seed=1234,
+                  description="Qwen2 architecture, 2 layers, hidden 64, 4 query / 2 KV heads (GQA), QKV bias, "
+                              "tied embeddings, vocab 259 (not a multiple of 2 or 4); fp32. The default."),
+        ModelSpec("qwen2-tiny-sharded", _QWEN2_TINY, QWEN_TOKENIZER, seed=1234, num_shards=2,
+                  description="qwen2-tiny split over 2 safetensors files + model.safetensors.index.json "
+                              "(same tensors as qwen2-tiny)."),
+        ModelSpec("llama-tiny", _llama_config(261, 64, 160, 2, 8, 4, head_dim=8, max_pos=512, rope_theta=10000.0,
+                                              rope_scaling=_TINY_LLAMA3_SCALING, bos=_LLAMA_BOS, eos=_LLAMA_EOS,
+                                              dtype="float32"),
+                  LLAMA_TOKENIZER, seed=4321,
+                  description="Llama architecture, 2 layers, hidden 64, 8 query / 4 KV heads, head_dim 8, untied, "
+                              "no bias, llama3 rope scaling, two EOS ids, BOS prepended; fp32."),
+        ModelSpec("qwen3-tiny", _QWEN3_TINY, QWEN_TOKENIZER, seed=777,
+                  description="Qwen3 architecture (q/k RMSNorm), head_dim 32 != hidden/heads, tied; fp32."),
+        ModelSpec("qwen2.5-0.5b-shape",
+                  _qwen2_config(151936, 896, 4864, 24, 14, 2, max_pos=32768, rope_theta=1000000.0, eos=_QWEN_EOS,
+                                tie=True, dtype="bfloat16"),
+                  QWEN_TOKENIZER, dtype="bfloat16", seed=5, num_shards=2,
+                  description="Shapes of Qwen2.5-0.5B (494M parameters, ~1 GB), random weights, bf16. For GPU benchmarks."),
+        ModelSpec("llama-7b-shape",
+                  _llama_config(32000, 4096, 11008, 32, 32, 32, head_dim=128, max_pos=4096, rope_theta=10000.0,
+                                rope_scaling=None, bos=_LLAMA_BOS, eos=_LLAMA_EOS, dtype="bfloat16"),
+                  LLAMA_TOKENIZER, dtype="bfloat16", seed=7, num_shards=7,
+                  description="Shapes of Llama-2-7B (6.7B parameters, ~13.5 GB), random weights, bf16. For GPU benchmarks."),
+        ModelSpec("llama3-8b-shape",
+                  _llama_config(128256, 4096, 14336, 32, 32, 8, head_dim=128, max_pos=131072, rope_theta=500000.0,
+                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                                bos=_LLAMA_BOS, eos=_LLAMA_EOS, dtype="bfloat16"),
+                  LLAMA_TOKENIZER, dtype="bfloat16", seed=8, num_shards=8,
+                  description="Shapes of Llama-3.1-8B (8.0B parameters, ~16 GB, GQA 32/8), random weights, bf16."),
+    ]
+}
+
+
+def builtin_name(model_name: str | None) -> str | None:
+    """The registry key for ``None``, ``"qwen2-tiny"`` or ``"hybridpar/qwen2-tiny"``; else ``None``."""
+    if model_name is None:
+        return DEFAULT_MODEL
+    key = model_name[len(BUILTIN_PREFIX):] if model_name.startswith(BUILTIN_PREFIX) else model_name
+    return key if key in BUILTIN_MODELS else None
+
+
+# --------------------------------------------------------------------------- weights
+def checkpoint_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor an HF checkpoint of ``config`` stores (Qwen2/Qwen3/Llama)."""
+    h, v, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or h // heads
+    qkv_bias = config["model_type"] == "qwen2" or config.get("attention_bias", False)
+    o_bias = config["model_type"] != "qwen2" and config.get("attention_bias", False)
+    mlp_bias = config.get("mlp_bias", False)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        for proj, rows in (("q_proj", heads * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
+            shapes[p + f"self_attn.{proj}.weight"] = (rows, h)
+            if qkv_bias:
+                shapes[p + f"self_attn.{proj}.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, heads * hd)
+        if o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if config["model_type"] == "qwen3":
+            shapes[p + "self_attn.q_norm.weight"] = (hd,)
+            shapes[p + "self_attn.k_norm.weight"] = (hd,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        for proj, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
+            shapes[p + f"mlp.{proj}.weight"] = shape
+            if mlp_bias:
+                shapes[p + f"mlp.{proj}.bias"] = shape[:1]
+    shapes["model.norm.weight"] = (h,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The deterministic value of one tensor.
+
+    Random weights make a poor language model; these scales keep it from collapsing into
+    repeating one token (so greedy generation exercises many decode paths) and keep the top-2
+    logit gap large (so bf16 and fp32 agree on the argmax):
+
+    * embedding / LM-head rows: random directions, every row of norm ``0.5 * sqrt(hidden)``
+      (equal norms: no token wins just by having a long embedding);
+    * q/k projections ~ N(0, 4/fan_in): attention scores are O(1), so a bug in RoPE or in the
+      KV-head mapping changes the logits visibly;
+    * o/down projections ~ N(0, 16/fan_in): the layers, not the current token's own embedding,
+      dominate the residual stream (with tied embeddings the latter predicts "repeat me");
+    * other linear weights ~ N(0, 1/fan_in); norm weights ~ 1 + N(0, 0.1^2); biases ~ N(0, 0.1^2).
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    x = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if name.endswith("norm.weight"):
+        x = 1.0 + 0.1 * x
+    elif name.endswith(".bias"):
+        x = 0.1 * x
+    elif "embed_tokens" in name or name == "lm_head.weight":
+        x = x / x.norm(dim=1, keepdim=True) * (0.25 * shape[1] ** 0.5)
+    else:
+        gain = {"q_proj": 2.0, "k_proj": 2.0, "o_proj": 4.0, "down_proj": 4.0}.get(name.split(".")[-2], 1.0)
+        x = x * (gain * shape[-1] ** -0.5)
+    return x.to(dtype)
+
+
+def _write_weights(spec: ModelSpec, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, spec.dtype)
+    shapes = checkpoint_tensor_shapes(spec.config)
+    names = list(shapes)
+    if spec.num_shards == 1:
+        save_file({n: make_tensor(n, shapes[n], spec.seed, dtype) for n in names},
+                  str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    # Balance shards by bytes, keeping the checkpoint's tensor order.
+    sizes = [torch.Size(shapes[n]).numel() for n in names]
+    target = sum(sizes) / spec.num_shards
+    groups: list[list[str]] = [[]]
+    acc = 0
+    for n, size in zip(names, sizes):
+        if acc >= target * len(groups) and len(groups) < spec.num_shards:
+            groups.append([])
+        groups[-1].append(n)
+        acc += size
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, group in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: make_tensor(n, shapes[n], spec.seed, dtype) for n in group}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in group})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# --------------------------------------------------------------------------- tokenizer
+def build_tokenizer(spec: TokenizerSpec):
+    """A byte-level BPE ``tokenizers.Tokenizer``: one token per byte, no merges, plus special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = _bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.special_tokens])
+    if spec.add_bos:
+        bos = spec.bos_token
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.token_id(bos))])
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable unicode characters (the ByteLevel alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _write_tokenizer(spec: ModelSpec, out: Path) -> None:
+    t = spec.tokenizer
+    build_tokenizer(t).save(str(out / "tokenizer.json"))
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": t.eos_token, "bos_token": t.bos_token, "pad_token": t.eos_token,
+        "add_bos_token": t.add_bos, "clean_up_tokenization_spaces": False,
+        "model_max_length": spec.config["max_position_embeddings"],
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+
+
+# --------------------------------------------------------------------------- writing / resolving
+def cache_root() -> Path:
+    """``$HYBRIDPAR_CACHE`` or ``~/.cache/hybridpar``."""
+    return Path(os.environ.get("HYBRIDPAR_CACHE") or Path.home() / ".cache" / "hybridpar").expanduser()
+
+
+def write_checkpoint(spec: ModelSpec, out: Path) -> Path:
+    """Write ``spec`` into the (existing, empty) directory ``out``; returns ``out``."""
+    config = copy.deepcopy(spec.config)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    eos = config["eos_token_id"]
+    gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    _write_tokenizer(spec, out)
+    _write_weights(spec, out)
+    (out / "hybridpar_recipe.json").write_text(json.dumps(
+        {"name": spec.name, "hash": spec.hash(), "description": spec.description}, indent=2))
+    return out
+
+
+def default_model_path(arch: str = "qwen2", size: str = "tiny", name: str | None = None) -> Path:
+    """Path of a built-in checkpoint, written on first use.
+
+    ``name`` (e.g. ``"llama-tiny"``, ``"qwen2.5-0.5b-shape"``) wins over ``arch``/``size``
+    (``default_model_path("llama")`` is ``"llama-tiny"``). Safe under concurrency: the checkpoint is
+    written into a temporary directory and renamed into place; a process that loses the race
+    discards its copy.
+    """
+    key = name or f"{arch}-{size}"
+    if key not in BUILTIN_MODELS:
+        raise ModelNotFoundError(
+            f"no built-in model {key!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+    spec = BUILTIN_MODELS[key]
+    final = cache_root() / "models" / f"{spec.name}-{spec.hash()}"
+    if (final / "hybridpar_recipe.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write_checkpoint(spec, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process renamed its complete copy first
+            if not (final / "hybridpar_recipe.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
+
+
+def check_checkpoint_dir(path: Path) -> Path:
+    """Raise :class:`ModelNotFoundError` naming what is missing unless ``path`` is a loadable checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"checkpoint directory {str(path)!r} does not exist; pass an existing local "
+                                 f"directory, a hub id, or model_name=None for the built-in 'hybridpar/{DEFAULT_MODEL}'")
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{str(path)!r} has no config.json; a checkpoint directory needs config.json "
+                                 f"and *.safetensors weights (Hugging Face format)")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = (f" It has only pickle weights ({', '.join(pickles)}); hybridpar never loads pickle: convert them "
+                f"to safetensors (e.g. transformers' save_pretrained(safe_serialization=True)).") if pickles else ""
+        raise ModelNotFoundError(f"{str(path)!r} has no *.safetensors weight file.{hint}")
+    return path
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve_model(model_name: str | None = None) -> Path:
+    """Turn ``model_name`` into a local checkpoint directory.
+
+    * ``None``, ``"qwen2-tiny"``, ``"hybridpar/llama-tiny"``, ...: a built-in, written on first use;
+    * an existing local directory: checked (config.json and safetensors present) and returned;
+    * otherwise a hub id (``"Qwen/Qwen2.5-0.5B"``): downloaded with huggingface_hub (json, safetensors
+      and tokenizer files only; never pickle, never remote code). Offline (``HF_HUB_OFFLINE=1`` or no
+      network) only the local hub cache is used; a miss raises :class:`ModelNotFoundError` that names
+      the built-in default.
+    """
+    key = builtin_name(model_name)
+    if model_name is not None and Path(model_name).expanduser().exists():
+        return check_checkpoint_dir(Path(model_name).expanduser())
+    if key is not None:
+        return default_model_path(name=key)
+    assert model_name is not None
+    if model_name.startswith(("/", ".", "~")) or model_name.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model {model_name!r} is not an existing directory, not a built-in model ({', '.join(BUILTIN_MODELS)}) "
+            f"and not a hub id of the form 'org/name'; use model_name=None for the built-in 'hybridpar/{DEFAULT_MODEL}'")
+    from huggingface_hub import snapshot_download
+
+    offline = _hub_offline()
+    try:
+        path = snapshot_download(model_name, allow_patterns=_DOWNLOAD_PATTERNS, local_files_only=offline)
+    except Exception as exc:  # offline miss, no network, unknown repo, gated repo, ...
+        why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local hub cache" if offline \
+            else f"it could not be downloaded ({type(exc).__name__}: {exc})"
+        raise ModelNotFoundError(
+            f"model {model_name!r} is not available: {why}. Use model_name=None for the built-in "
+            f"'hybridpar/{DEFAULT_MODEL}' (written locally, no network), another built-in "
+            f"({', '.join(BUILTIN_MODELS)}), or a local checkpoint directory.") from exc
+    return check_checkpoint_dir(Path(path))

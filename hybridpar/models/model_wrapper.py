@@ -1,0 +1,115 @@
+"""``TPRadixAttentionModelWrapper``: a checkpoint, loaded tensor-parallel, with a tokenizer and ``generate``.
+
+Use it inside every rank of a TP group (``hybridpar.launch`` or ``torchrun`` + ``run_torchrun``)
+after ``initialize_tensor_parallel(tp)``::
+
+    def worker():
+        initialize_tensor_parallel(2)
+        m = TPRadixAttentionModelWrapper(model_name=None)       # built-in qwen2-tiny
+        return m.generate(["Hello"], max_new_tokens=16)
+
+    hybridpar.launch(worker, 2)
+
+This chapter's version serves requests from a contiguous KV cache
+(:class:`~hybridpar.models.attention_backend.ContiguousKVCache`); ``page_size`` is recorded for
+the RadixAttention chapter, whose paged backend plugs into the same
+:class:`~hybridpar.models.attention_backend.AttentionBackend` seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hybridpar.distributed.parallel_state import GroupCoordinator, get_tp_group, model_parallel_is_initialized
+from hybridpar.models.attention_backend import ForwardBatch
+from hybridpar.models.config import ModelConfig
+from hybridpar.models.decoder import DecoderForCausalLM
+from hybridpar.models.default_checkpoint import resolve_model
+from hybridpar.models.generate import GenerationOutput, generate
+from hybridpar.models.loader import LOAD_FORMATS, LoadStats, load_checkpoint
+from hybridpar.models.sampling import SamplingParams
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16`` (and fp32, fp16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class TPRadixAttentionModelWrapper:
+    """Resolve ``model_name``, build the TP decoder for this rank, load this rank's weight shards.
+
+    Attributes: ``path`` (checkpoint directory), ``config`` (:class:`ModelConfig`), ``model``
+    (:class:`DecoderForCausalLM`), ``load_stats`` (:class:`LoadStats` of this rank), ``tokenizer``
+    (loaded on first use), ``tp_group``, ``device``, ``dtype``, ``page_size``.
+    """
+
+    def __init__(self, model_name: str | None = None, device: str | torch.device | None = None, page_size: int = 16,
+                 dtype: str | torch.dtype = torch.float32, load_format: str = "sharded",
+                 tp_group: GroupCoordinator | None = None) -> None:
+        if tp_group is None and not model_parallel_is_initialized():
+            raise RuntimeError(
+                "TPRadixAttentionModelWrapper needs an initialised tensor-parallel group: inside each rank "
+                "(started by hybridpar.launch, or torchrun + hybridpar.run_torchrun) call "
+                "hybridpar.initialize_tensor_parallel(tp_size) first, or pass tp_group=")
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        from hybridpar.distributed.launcher import current_device
+
+        self.tp_group = tp_group if tp_group is not None else get_tp_group()
+        self.device = torch.device(device) if device is not None else current_device()
+        self.dtype = parse_dtype(dtype)
+        self.page_size = page_size
+        self.path: Path = resolve_model(model_name)
+        self.config = ModelConfig.from_pretrained(self.path)
+        with torch.device(self.device):
+            self.model = DecoderForCausalLM(self.config, self.tp_group, self.dtype)
+        self.model.eval()
+        self.load_stats: LoadStats = load_checkpoint(self.model, self.path, load_format)
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer via ``transformers.AutoTokenizer`` (no remote code)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
+
+    def forward(self, input_ids: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` of a flattened ragged batch (positions from ``forward_batch``)."""
+        return self.model(input_ids, forward_batch.positions, forward_batch)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams]
+                     = SamplingParams(), return_logits: bool = False) -> list[GenerationOutput]:
+        """Generate from token-id prompts; every rank returns the same outputs."""
+        return generate(self.model, prompts, sampling, return_logits=return_logits)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, sampling: SamplingParams | None = None,
+                 ) -> list[str]:
+        """Generate text for each prompt (greedy unless ``sampling`` says otherwise)."""
+        params = sampling or SamplingParams(max_new_tokens=max_new_tokens)
+        outputs = self.generate_ids([self.encode(p) for p in prompts], params)
+        return [self.decode(o.token_ids) for o in outputs]
+
+    def __repr__(self) -> str:
+        return (f"TPRadixAttentionModelWrapper({self.config.architecture} from {str(self.path)!r}, "
+                f"tp_rank={self.tp_group.rank_in_group}/{self.tp_group.world_size}, dtype={self.dtype}, "
+                f"device={self.device}, page_size={self.page_size})")

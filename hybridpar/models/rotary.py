@@ -1,0 +1,75 @@
+"""Rotary position embeddings (RoPE), including Llama-3's frequency scaling.
+
+RoPE rotates each pair of channels ``(x[i], x[i + d/2])`` of a query/key head by the angle
+``position * inv_freq[i]`` (the "rotate half" layout that Hugging Face checkpoints use). Because
+the rotation depends only on the token's own position, it is applied per token on the flattened
+ragged batch: no padding, no batch dimension. Heads are independent, so RoPE is the same on every
+tensor-parallel rank.
+
+Numerics follow transformers: inverse frequencies and angles in float32, ``cos``/``sin`` cast
+to the activation dtype, the rotation done in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hybridpar.models.config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """``inv_freq[i] = theta^(-2i/d)`` for ``i < d/2``, scaled according to ``rope.rope_type``.
+
+    * ``default``: unscaled.
+    * ``linear``: every frequency divided by ``factor`` (positions interpolated).
+    * ``llama3``: wavelengths shorter than ``original_max / high_freq_factor`` are kept, longer than
+      ``original_max / low_freq_factor`` are divided by ``factor``, and the band in between is
+      interpolated smoothly between the two.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type != "llama3":
+        return inv_freq
+    old_len = rope.original_max_position_embeddings
+    low_freq_wavelen = old_len / rope.low_freq_factor
+    high_freq_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` on the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """``forward(positions [T], q [T, Hq, d], k [T, Hk, d]) -> (q, k)`` rotated by their positions."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rope = rope
+        self.register_buffer("inv_freq", inverse_frequencies(rope, head_dim), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` of shape ``[T, 1, d]`` (broadcast over heads)."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.rope.theta}, type={self.rope.rope_type}"

@@ -1,0 +1,74 @@
+"""Choosing the next token: greedy, or sampling with temperature, top-k and top-p under a seed.
+
+Determinism: each request owns a CPU ``torch.Generator`` seeded with its ``seed``; sampling is done
+in float32 on the CPU, so a request draws the same tokens whether it runs alone or in a batch,
+and on any device. ``temperature == 0`` means greedy (argmax, ties to the lowest id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``temperature=0``: greedy. ``top_k=0``: no top-k cut. ``top_p=1``: no nucleus cut.
+
+    ``max_new_tokens``: generation stops after this many tokens, or after an EOS token unless
+    ``ignore_eos``. ``seed``: seeds this request's generator (``None``: seed 0).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def make_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(0 if self.seed is None else self.seed)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities ``[V]`` after temperature, top-k and top-p (the smallest set of tokens whose
+    probability reaches ``top_p``; the most likely token is always kept)."""
+    logits = logits.to(torch.float32) / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the strictly more likely tokens
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """One token per row of ``logits [B, V]``; row ``i`` uses ``params[i]`` and ``generators[i]``."""
+    logits = logits.detach().to("cpu", torch.float32)
+    tokens = []
+    for row, p, gen in zip(logits, params, generators):
+        if p.greedy:
+            tokens.append(int(row.argmax()))
+        else:
+            tokens.append(int(torch.multinomial(filtered_probs(row, p), 1, generator=gen)))
+    return tokens
