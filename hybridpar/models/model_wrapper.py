@@ -10,10 +10,17 @@ after ``initialize_tensor_parallel(tp)``::
 
     hybridpar.launch(worker, 2)
 
-This chapter's version serves requests from a contiguous KV cache
-(:class:`~hybridpar.models.attention_backend.ContiguousKVCache`); ``page_size`` is recorded for
-the RadixAttention chapter, whose paged backend plugs into the same
-:class:`~hybridpar.models.attention_backend.AttentionBackend` seam.
+``generate`` serves a batch from a contiguous KV cache
+(:class:`~hybridpar.models.attention_backend.ContiguousKVCache`). The serving arguments
+(``page_size``, pool size, radix cache on/off, schedule policy, chunked prefill, ...) are kept in
+``server_args`` (:class:`~hybridpar.radix.server_args.ServerArgs`) for
+:class:`~hybridpar.radix.scheduler.TPScheduler`, which serves requests with RadixAttention: a
+paged KV pool plugged into the same :class:`~hybridpar.models.attention_backend.AttentionBackend`
+seam, continuous batching and a radix cache coordinated across the TP ranks::
+
+    sched = TPScheduler(TPRadixAttentionModelWrapper(None, page_size=16, max_total_tokens=4096))
+    rid = sched.add_request("What is AI?", max_new_tokens=20)
+    results = sched.process_requests()      # {rid: RequestResult} on every rank
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from hybridpar.models.default_checkpoint import resolve_model
 from hybridpar.models.generate import GenerationOutput, generate
 from hybridpar.models.loader import LOAD_FORMATS, LoadStats, load_checkpoint
 from hybridpar.models.sampling import SamplingParams
+from hybridpar.radix.server_args import ServerArgs
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -52,12 +60,16 @@ class TPRadixAttentionModelWrapper:
 
     Attributes: ``path`` (checkpoint directory), ``config`` (:class:`ModelConfig`), ``model``
     (:class:`DecoderForCausalLM`), ``load_stats`` (:class:`LoadStats` of this rank), ``tokenizer``
-    (loaded on first use), ``tp_group``, ``device``, ``dtype``, ``page_size``.
+    (loaded on first use), ``tp_group``, ``device``, ``dtype``, ``page_size``, ``server_args``
+    (:class:`~hybridpar.radix.server_args.ServerArgs` built from ``page_size``, the keyword-only
+    serving arguments and ``**server_args``; validated before any weight is read).
     """
 
     def __init__(self, model_name: str | None = None, device: str | torch.device | None = None, page_size: int = 16,
                  dtype: str | torch.dtype = torch.float32, load_format: str = "sharded",
-                 tp_group: GroupCoordinator | None = None) -> None:
+                 tp_group: GroupCoordinator | None = None, *, max_total_tokens: int | None = None,
+                 mem_fraction_static: float = 0.85, disable_radix_cache: bool = False, schedule_policy: str = "lpm",
+                 chunked_prefill_size: int | None = 8192, **server_args: Any) -> None:
         if tp_group is None and not model_parallel_is_initialized():
             raise RuntimeError(
                 "TPRadixAttentionModelWrapper needs an initialised tensor-parallel group: inside each rank "
@@ -65,8 +77,10 @@ class TPRadixAttentionModelWrapper:
                 "hybridpar.initialize_tensor_parallel(tp_size) first, or pass tp_group=")
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        self.server_args = ServerArgs(page_size=page_size, max_total_tokens=max_total_tokens,
+                                      mem_fraction_static=mem_fraction_static, disable_radix_cache=disable_radix_cache,
+                                      schedule_policy=schedule_policy, chunked_prefill_size=chunked_prefill_size,
+                                      **server_args)
         from hybridpar.distributed.launcher import current_device
 
         self.tp_group = tp_group if tp_group is not None else get_tp_group()
