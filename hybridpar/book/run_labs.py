@@ -1,0 +1,170 @@
+"""Execute lab notebooks in place, storing their outputs and widget state for the book and nbval.
+
+    python -m hybridpar.book.run_labs labs/01_roofline.ipynb [more.ipynb ...] [--timeout 120]
+    python -m hybridpar.book.run_labs --sync-only labs/*.ipynb     # only rewrite the install cells
+
+Labs are rendered from their stored outputs (the book does not execute them), and nbval re-runs
+them against those outputs. So every lab is committed after a run of this tool, which:
+
+1. rewrites the first cell, the *install cell*, from ``repository.url`` in ``_config.yml``
+   (the one place the URL lives): on Colab or in a fresh kernel it pip-installs hybridpar when
+   it is not importable, elsewhere it does nothing;
+2. checks the lab's metadata (:func:`check_lab`);
+3. refuses to run a lab on a machine with fewer GPUs than its ``metadata.hybridpar.min_gpus``
+   (run GPU labs on a GPU machine; mark their GPU-only cells ``nbval-skip`` for CPU CI);
+4. executes it top to bottom in a fresh ``python3`` kernel with nbclient, with this checkout on
+   ``PYTHONPATH``, ``HF_HUB_OFFLINE=1``, and ``store_widget_state=True`` so that every ipywidget
+   renders in the static book.
+
+Lab metadata (notebook level): ``kernelspec`` python3; ``hybridpar: {"min_gpus": N}``; labs with
+``N >= 1`` also carry Colab's ``"accelerator": "GPU"``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hybridpar.book.build import ROOT, build_env
+
+INSTALL_TAG = "hybridpar-install"
+WIDGET_STATE_MIME = "application/vnd.jupyter.widget-state+json"
+WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+
+
+def repository_url(root: Path = ROOT) -> str:
+    """``repository.url`` from ``_config.yml``."""
+    import yaml
+
+    config = yaml.safe_load((root / "_config.yml").read_text())
+    try:
+        return str(config["repository"]["url"]).rstrip("/")
+    except (KeyError, TypeError):
+        raise ValueError(f"{root / '_config.yml'} has no repository.url; add it (see the comment there)") from None
+
+
+def install_cell_source(url: str) -> str:
+    """The source of every lab's first cell, for repository ``url``."""
+    return (
+        "# Installs hybridpar where it is missing (Colab, a fresh kernel); does nothing otherwise.\n"
+        "# Generated from repository.url in _config.yml by `python -m hybridpar.book.run_labs`.\n"
+        "import importlib.util, subprocess, sys\n"
+        "\n"
+        'if importlib.util.find_spec("hybridpar") is None:\n'
+        f'    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+{url}"], check=True)'
+    )
+
+
+def sync_install_cell(nb: Any, url: str) -> None:
+    """Make the first cell of ``nb`` the install cell (replacing an old one, or inserting it)."""
+    import nbformat
+
+    source = install_cell_source(url)
+    first = nb.cells[0] if nb.cells else None
+    if first is not None and INSTALL_TAG in first.get("metadata", {}).get("tags", []):
+        first.cell_type, first.source = "code", source
+        return
+    nb.cells.insert(0, nbformat.v4.new_code_cell(source, metadata={"tags": [INSTALL_TAG]}))
+
+
+def min_gpus(nb: Any) -> int:
+    """GPUs the lab needs (``metadata.hybridpar.min_gpus``, 0 if absent)."""
+    return int(nb.metadata.get("hybridpar", {}).get("min_gpus", 0))
+
+
+def _has_widget_views(nb: Any) -> bool:
+    return any(
+        WIDGET_VIEW_MIME in out.get("data", {})
+        for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
+
+
+def check_lab(nb: Any, url: str) -> list[str]:
+    """Problems with a lab notebook as committed; an empty list when it is fine."""
+    problems = []
+    first = nb.cells[0] if nb.cells else None
+    if first is None or first.cell_type != "code" or first.source != install_cell_source(url):
+        problems.append("the first cell is not the install cell for repository.url in _config.yml "
+                        "(run `python -m hybridpar.book.run_labs --sync-only` on it)")
+    if nb.metadata.get("kernelspec", {}).get("name") != "python3":
+        problems.append("kernelspec.name must be python3")
+    if "min_gpus" not in nb.metadata.get("hybridpar", {}):
+        problems.append('metadata.hybridpar.min_gpus is missing (0 for CPU labs)')
+    elif min_gpus(nb) > 0 and nb.metadata.get("accelerator") != "GPU":
+        problems.append('a GPU lab needs notebook metadata "accelerator": "GPU" (Colab picks a GPU runtime)')
+    if _has_widget_views(nb) and not nb.metadata.get("widgets", {}).get(WIDGET_STATE_MIME, {}).get("state"):
+        problems.append("the lab displays widgets but stores no widget state; re-run it with this tool")
+    unexecuted = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()
+                  and c.execution_count is None and "nbval-skip" not in c.metadata.get("tags", [])]
+    if unexecuted:
+        problems.append(f"code cells {unexecuted} have no stored outputs; run the lab with this tool")
+    return problems
+
+
+def _available_gpus() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+def execute_lab(path: Path, timeout: int = 120, root: Path = ROOT) -> float:
+    """Sync the install cell, execute ``path`` in place with widget state stored; returns seconds."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = Path(path).resolve()
+    nb = nbformat.read(path, as_version=4)
+    url = repository_url(root)
+    sync_install_cell(nb, url)
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    needed, available = min_gpus(nb), _available_gpus()
+    if needed > available:
+        raise RuntimeError(f"{path.name} needs {needed} GPU(s) (metadata.hybridpar.min_gpus) but this machine has "
+                           f"{available}; run it on a GPU machine, or refresh only the install cell with --sync-only")
+    nb.metadata.pop("widgets", None)
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", store_widget_state=True, record_timing=False,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    start = time.perf_counter()
+    client.execute(env=build_env(root))
+    seconds = time.perf_counter() - start
+    problems = check_lab(nb, url)
+    if problems:
+        raise RuntimeError(f"{path.name} ran but is not a valid lab: " + "; ".join(problems))
+    nbformat.validate(nb)
+    nbformat.write(nb, path)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hybridpar.book.run_labs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("labs", nargs="+", type=Path, help="lab notebooks (.ipynb) to execute in place")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per cell (default 120)")
+    parser.add_argument("--sync-only", action="store_true", help="only rewrite the install cell; do not execute")
+    args = parser.parse_args(argv)
+    import nbformat
+
+    url = repository_url()
+    for lab in args.labs:
+        if lab.suffix != ".ipynb" or not lab.is_file():
+            parser.error(f"{lab} is not a notebook file")
+        if args.sync_only:
+            nb = nbformat.read(lab, as_version=4)
+            sync_install_cell(nb, url)
+            nbformat.write(nb, lab)
+            print(f"[hybridpar] {lab}: install cell -> git+{url}")
+            continue
+        seconds = execute_lab(lab, timeout=args.timeout)
+        print(f"[hybridpar] {lab}: executed in {seconds:.1f} s, outputs and widget state stored")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The book: its configuration, and the built HTML as a reader sees it in headless Chromium.
+
+The browser tests build the book first when ``_build/html`` is missing or older than its sources
+(``hybridpar.book.build.ensure_built``, the same build as ``make book``), serve it from a local
+``http.server`` on 127.0.0.1, and block every request to any other host. They need Debian's
+``/usr/bin/chromium`` (``apt-get install -y chromium``): without it they fail under CI (``CI=true``)
+and are skipped elsewhere. Screenshots land in ``_build/screenshots/``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from hybridpar.book.build import ROOT, ensure_built
+
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+HTML = ROOT / "_build" / "html"
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+WIDGET_VIEW = 'script[type="application/vnd.jupyter.widget-view+json"]'
+
+
+def toc_files() -> list[str]:
+    """Every document of _toc.yml (root first), without suffix."""
+    files = [TOC["root"]]
+    for part in TOC.get("parts", []):
+        for chapter in part.get("chapters", []):
+            files.append(chapter["file"])
+            files.extend(section["file"] for section in chapter.get("sections", []))
+    return files
+
+
+def source_of(doc: str) -> Path:
+    matches = [p for p in (ROOT / f"{doc}.md", ROOT / f"{doc}.ipynb") if p.is_file()]
+    assert len(matches) == 1, f"{doc} in _toc.yml must exist as exactly one of .md/.ipynb, found {matches}"
+    return matches[0]
+
+
+# ---------------------------------------------------------------- configuration (no build needed)
+
+def test_config_keeps_launch_buttons_and_colab() -> None:
+    assert CONFIG["sphinx"]["recursive_update"] is True, "without it html_theme_options drops the launch buttons"
+    assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", CONFIG["repository"]["url"])
+    assert CONFIG["html"]["use_repository_button"] is True
+    assert CONFIG["sphinx"]["config"]["html_theme_options"]["use_download_button"] is True
+
+
+def test_config_executes_chapters_but_not_labs() -> None:
+    execute = CONFIG["execute"]
+    assert execute["execute_notebooks"] == "force"
+    assert isinstance(execute["timeout"], int) and 0 < execute["timeout"] <= 600
+    assert "labs/*" in execute["exclude_patterns"]
+    assert execute["allow_errors"] is False
+    assert CONFIG["only_build_toc_files"] is True
+
+
+def test_config_loads_nothing_from_a_cdn() -> None:
+    sphinx = CONFIG["sphinx"]["config"]
+    assert sphinx["html_static_path"] == ["_assets"]
+    scripts = [*sphinx["nb_ipywidgets_js"], sphinx["mathjax_path"]]
+    for script in scripts:
+        assert "://" not in script
+        assert (ROOT / "_assets" / script).is_file(), f"{script} is not vendored; run `python -m hybridpar.book vendor`"
+    # jupyter-book adds every *.js under a top-level _static/ to every page (MathJax twice, etc.).
+    assert not (ROOT / "_static").exists(), "put static files in _assets/, not _static/ (see _config.yml)"
+    vendored = sum(p.stat().st_size for p in (ROOT / "_assets" / "vendor").rglob("*") if p.is_file())
+    assert vendored < 6e6, f"vendored assets grew to {vendored / 1e6:.1f} MB"
+
+
+def test_toc_lists_every_chapter_and_lab() -> None:
+    listed = {str(source_of(doc).relative_to(ROOT)) for doc in toc_files()}
+    present = {str(p.relative_to(ROOT)) for d in ("chapters", "labs") for p in (ROOT / d).glob("*")
+               if p.suffix in (".md", ".ipynb")}
+    assert present <= listed, f"not in _toc.yml (so never built): {sorted(present - listed)}"
+
+
+@pytest.mark.parametrize("chapter", sorted((ROOT / "chapters").glob("*.md")), ids=lambda p: p.name)
+def test_chapters_are_executable_myst_notebooks(chapter: Path) -> None:
+    text = chapter.read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["kernelspec"]["name"] == "python3"
+    assert header["jupytext"]["text_representation"]["format_name"] == "myst"
+    assert "```{code-cell}" in text
+    # Chapters show the package's code through literalinclude, never a pasted copy of it.
+    for match in re.finditer(r"```\{literalinclude\} (\S+)\n:pyobject: (\w+)", text):
+        source = (chapter.parent / match[1]).resolve()
+        assert re.search(rf"^(def|class) {match[2]}\b", source.read_text(), re.M), match[0]
+    assert not re.search(r"```(python|ipython3)\n(def|class) ", text), "show package code with literalinclude"
+
+
+# ---------------------------------------------------------------- the built book in Chromium
+
+@dataclass
+class PageReport:
+    status: int
+    errors: list[str] = field(default_factory=list)
+    remote_requests: list[str] = field(default_factory=list)
+    failed_requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def built_book() -> Path:
+    result = ensure_built(ROOT)
+    if result is not None:
+        assert result.ok, (f"the book build failed (exit {result.returncode}); execution reports: "
+                           f"{[str(p) for p in result.error_logs]}; run `make book` to see the warnings")
+    return HTML
+
+
+@pytest.fixture(scope="module")
+def server(built_book: Path) -> Iterator[str]:
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(built_book)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not CHROMIUM.exists():
+        message = ("headless Chromium is needed: `apt-get install -y chromium` and "
+                   "`pip install -e .[test]` (for playwright)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser: object, url: str, theme: str | None = None) -> tuple[object, PageReport]:
+    """Load ``url`` with every non-local request blocked; returns the page and what went wrong."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    if theme:
+        context.add_init_script(f"localStorage.setItem('mode', '{theme}')")
+    page = context.new_page()
+    report = PageReport(status=0)
+
+    def route(r: object) -> None:
+        if urlparse(r.request.url).hostname == "127.0.0.1" or r.request.url.startswith("data:"):
+            r.continue_()
+        else:
+            report.remote_requests.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    page.on("pageerror", lambda exc: report.errors.append(f"page error: {exc}"))
+    page.on("console", lambda msg: report.errors.append(f"console {msg.type}: {msg.text}")
+            if msg.type == "error" else None)
+    page.on("response", lambda resp: report.failed_requests.append(f"{resp.status} {resp.url}")
+            if resp.status >= 400 else None)
+    response = page.goto(url, wait_until="load")
+    report.status = response.status
+    page.wait_for_load_state("networkidle")
+    return page, report
+
+
+def wait_for_widgets(page: object) -> int:
+    """Wait until every widget view script has a rendered view; returns the number of views."""
+    views = page.locator(WIDGET_VIEW).count()
+    if views:
+        page.wait_for_function(
+            f"document.querySelectorAll('.widget-subarea > .jupyter-widgets').length >= {views}", timeout=30_000
+        )
+    return views
+
+
+GLOSSARY_TERMS = ("TP", "TKNP", "all-reduce", "radix tree", "page", "KV cache", "RadixAttention", "roofline")
+BIBLIOGRAPHY = ("SGLang", "2312.07104", "Megatron-LM", "PagedAttention", "v0.4", "DeepSeek-V3", "Helix",
+                "MegaScale-Infer")
+
+
+@pytest.mark.parametrize("doc", [*toc_files(), "search", "genindex"])
+def test_page_loads_offline_and_renders(browser: object, server: str, doc: str) -> None:
+    """Every page: HTTP 200, no JS error, nothing fetched from the network, every widget rendered;
+    plus the checks specific to its kind (figures, Colab button, glossary terms, references)."""
+    page, report = open_page(browser, f"{server}/{doc}.html")
+    views = wait_for_widgets(page)
+    text = page.inner_text("body")
+    rendered = page.locator(".widget-subarea > .jupyter-widgets").count()
+    images = page.locator(".cell_output img")
+    figures = [images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0") for i in range(images.count())]
+    colab = page.locator('a[href^="https://colab.research.google.com/"]')
+    colab_links = [colab.nth(i).get_attribute("href") for i in range(colab.count())]
+    admonitions = {c for c in ("runs-on-cpu", "needs-gpus") if page.locator(f".admonition.{c}").count()}
+    math = page.locator("mjx-container").count()
+    terms = page.locator("dl.glossary dt").all_inner_texts()
+    page.context.close()
+
+    assert report.status == 200
+    assert report.remote_requests == [], "the book must not fetch anything from the network"
+    assert report.failed_requests == []
+    assert report.errors == []
+    assert "Loading widget" not in text
+    assert rendered == views, f"{views - rendered} of {views} widgets did not render"
+    if doc in ("search", "genindex"):
+        return
+    source = source_of(doc).read_text()
+    if "roofline_calculator(" in source or "roofline_explorer(" in source:
+        assert views >= 2
+    if "plt.show()" in source:
+        assert figures and all(figures), "matplotlib figures missing or broken"
+    if "$" in source and doc != "bibliography":
+        assert math > 0, "MathJax did not typeset the page's math"
+    repo = CONFIG["repository"]["url"].removeprefix("https://github.com/")
+    if doc.startswith("labs/"):
+        branch = CONFIG["repository"]["branch"]
+        assert f"https://colab.research.google.com/github/{repo}/blob/{branch}/{doc}.ipynb" in colab_links
+    else:
+        assert colab_links == [], "Colab cannot open .md chapters: no launch button there"
+    if doc.startswith(("chapters/", "labs/")):
+        assert admonitions, "every chapter and lab says whether it runs on CPU or needs GPUs"
+    if doc == TOC["root"]:
+        assert admonitions == {"runs-on-cpu", "needs-gpus"}
+        assert all(f"| {n} |" in source for n in range(1, 8)), "the course map lists chapters 1-7"
+    if doc == "glossary":
+        for term in GLOSSARY_TERMS:
+            assert any(t.strip() == term for t in terms), f"glossary lacks {term}"
+    if doc == "bibliography":
+        for needle in BIBLIOGRAPHY:
+            assert needle in text, f"bibliography lacks {needle}"
+
+
+def test_precomputed_explorer_works_without_a_kernel(browser: object, server: str) -> None:
+    page, _ = open_page(browser, f"{server}/chapters/01_why_distribute.html")
+    wait_for_widgets(page)
+    explorer = page.locator(".widget-subarea > .jupyter-widgets").nth(1)
+    visible_caption = explorer.locator("table.hybridpar-roofline caption:visible")
+    before = visible_caption.inner_text()
+    explorer.locator(".widget-slider .noUi-handle").first.focus()  # the TP-size slider
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function(
+        "([el, text]) => [...el.querySelectorAll('caption')].some(c => c.offsetParent && c.innerText !== text)",
+        arg=[explorer.element_handle(), before],
+    )
+    after = visible_caption.inner_text()
+    explorer.scroll_into_view_if_needed()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "chapter-explorer.png"))  # the widget after the slider moved
+    page.context.close()
+    assert "1 x h100" in before and "2 x h100" in after, (before, after)
+
+
+def test_navigation_search_and_reader_features(browser: object, server: str) -> None:
+    page, _ = open_page(browser, f"{server}/chapters/01_why_distribute.html")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "chapter.png"))
+    nav = page.locator("nav.bd-docs-nav a.reference.internal")
+    targets = {nav.nth(i).get_attribute("href") for i in range(nav.count())}
+    assert {"../intro.html", "../labs/01_roofline.html", "../glossary.html", "../bibliography.html"} <= targets
+    assert page.locator(".prev-next-area a").count() >= 1
+    assert page.locator(".search-button-field, form.bd-search").count() >= 1
+    # Repository and download buttons; no Colab button on a .md chapter (Colab opens .ipynb only).
+    assert page.locator('a[href="https://github.com/hybridpar/hybridpar"]').count() >= 1
+    downloads = page.locator('.dropdown-download-buttons a[href*="_sources/"]')
+    assert downloads.count() >= 1
+    # Glossary links and citations.
+    assert page.locator('a[href^="../glossary.html#term-"]').count() >= 5
+    assert page.locator('a[href^="../bibliography.html#id"]').count() >= 3
+    # Exercises with hidden solutions.
+    assert page.locator(".exercise").count() >= 2
+    solution = page.locator(".solution").first
+    body = solution.locator("section").first
+    assert not body.is_visible(), "solutions must start hidden"
+    solution.locator(".admonition-title").click()
+    body.wait_for(state="visible")
+    # Dark mode.
+    page.locator(".theme-switch-button").first.click()
+    themes = {page.evaluate("document.documentElement.dataset.theme")}
+    page.locator(".theme-switch-button").first.click()
+    themes.add(page.evaluate("document.documentElement.dataset.theme"))
+    assert "dark" in themes
+    page.context.close()
+
+    page, _ = open_page(browser, f"{server}/search.html?q=roofline")
+    page.wait_for_selector("#search-results li", timeout=20_000)
+    hits = page.locator("#search-results li a").all_inner_texts()
+    page.context.close()
+    assert any("Why distribute" in hit for hit in hits), hits
+
+
+CONTRAST_JS = """el => {
+  const rgb = c => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  const lum = c => { const [r, g, b] = rgb(c).map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+                     return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  let bg = el;
+  while (bg && getComputedStyle(bg).backgroundColor.replace(/\\s/g, '').match(/rgba\\(.*,0\\)$/)) bg = bg.parentElement;
+  const [a, b] = [lum(getComputedStyle(el).color), lum(getComputedStyle(bg || document.body).backgroundColor)];
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
+
+
+@pytest.mark.parametrize("mode", ["light", "dark"])
+def test_widget_text_is_readable_and_screenshots(browser: object, server: str, mode: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page, _ = open_page(browser, f"{server}/labs/01_roofline.html", theme=mode)
+    assert page.evaluate("document.documentElement.dataset.theme") == mode
+    wait_for_widgets(page)
+    cell = page.locator(".widget-subarea table.hybridpar-roofline td").first
+    contrast = cell.evaluate(CONTRAST_JS)
+    page.locator(".widget-subarea").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(SCREENSHOTS / f"lab-{mode}.png"))
+    page.context.close()
+    assert contrast >= 4.5, f"widget table text has contrast {contrast:.1f}:1 in {mode} mode"
+    assert (SCREENSHOTS / f"lab-{mode}.png").stat().st_size > 10_000
