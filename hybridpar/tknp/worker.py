@@ -1,0 +1,92 @@
+"""AttentionWorker: a non-root TKNP rank. A KV cache and attention, no model.
+
+The worker never builds the model, so it allocates no weight tensor at all: it needs only the
+shape of the attention it computes (layers, its TP share of the heads, head size, dtype;
+:class:`~hybridpar.tknp.attention.AttentionGeometry`) and a local
+:class:`~hybridpar.models.attention_backend.AttentionBackend` holding its KV cache. Its whole
+memory budget can go to that cache.
+
+Its loop mirrors what :class:`~hybridpar.tknp.attention.TokenParallelAttention` does on the root::
+
+    while (plan := broadcast_object(from root)) is not None:   # one StepPlan per forward pass
+        fb = my sub-batch as a ForwardBatch of my cache (None if I have no request this pass)
+        for layer in range(num_layers):
+            qkv = scatterv(..., plan.split_sizes)                 # my requests' new tokens
+            o = local_backend.forward(layer, q, k, v, fb)         # stores K/V, attends
+            gatherv(o, plan.split_sizes)                          # back to the root
+
+Every rank takes part in every scatter and gather, even with zero tokens, because they are
+collectives. ``None`` from the root ends the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hybridpar.distributed.communication_op import broadcast_object, gatherv, scatterv
+from hybridpar.distributed.parallel_state import GroupCoordinator
+from hybridpar.models.attention_backend import AttentionBackend
+from hybridpar.tknp.attention import AttentionGeometry, KVCapacity, StepPlan, attend_piece, capacity_of, exchange_hello
+
+
+@dataclass
+class WorkerStats:
+    """What one attention worker did: passes served, new tokens attended, KV held."""
+
+    steps: int = 0
+    new_tokens: int = 0
+    rows_used: set[int] = field(default_factory=set)
+    peak_kv_tokens: int = 0  # largest sum of seq_lens of its requests in one pass
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "new_tokens": self.new_tokens, "rows_used": sorted(self.rows_used),
+                "peak_kv_tokens": self.peak_kv_tokens}
+
+
+class AttentionWorker:
+    """Serves attention for the requests the TKNP root places on this rank.
+
+    Constructing it is collective over ``group`` (it meets the root's
+    :class:`~hybridpar.tknp.attention.TokenParallelAttention`); ``capacities`` then lists every
+    rank's :class:`~hybridpar.tknp.attention.KVCapacity`.
+    """
+
+    def __init__(self, backend: AttentionBackend, geometry: AttentionGeometry, group: GroupCoordinator,
+                 device: torch.device | str = "cpu") -> None:
+        if group.world_size < 2 or group.is_first_rank:
+            raise ValueError(f"AttentionWorker runs on a non-root rank of a TKNP group of >= 2 ranks; this is group "
+                             f"rank {group.rank_in_group} of {group.world_size}: use TokenParallelAttention on the root")
+        self.backend, self.geometry, self.group = backend, geometry, group
+        self.device = torch.device(device)
+        self.capacity: KVCapacity = capacity_of(backend)
+        self.capacities = exchange_hello(group, geometry, self.capacity)
+        self.stats = WorkerStats()
+
+    def serve(self) -> WorkerStats:
+        """Run passes until the root shuts the group down; returns the statistics."""
+        while True:
+            plan = broadcast_object(None, src=0, group=self.group)
+            if plan is None:
+                return self.stats
+            self.run_pass(plan)
+
+    @torch.no_grad()
+    def run_pass(self, plan: StepPlan) -> None:
+        """One forward pass: every layer's scatter, local attention, gather."""
+        mine = plan.sub_batches[self.group.rank_in_group]
+        sizes = plan.split_sizes
+        fb = mine.forward_batch(self.backend, self.device)
+        if fb is not None:
+            self.backend.init_forward_metadata(fb)
+            self.stats.rows_used.update(mine.req_pool_indices)
+            self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, sum(fb.seq_lens))
+        g = self.geometry
+        template = torch.empty(0, g.packed_heads, g.head_dim, dtype=g.dtype, device=self.device)
+        for layer_id in range(g.num_layers):
+            packed = scatterv(template, sizes, src=0, dim=0, group=self.group)
+            o = attend_piece(self.backend, layer_id, packed, g, fb)
+            gatherv(o, sizes, dst=0, dim=0, group=self.group)
+        self.stats.steps += 1
+        self.stats.new_tokens += mine.num_tokens

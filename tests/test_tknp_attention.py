@@ -1,0 +1,171 @@
+"""Token parallelism end to end on gloo: TKNP 2, TKNP 4 and TP 2 x TKNP 2 against TP-only and transformers.
+
+One launch per layout; in it the roots serve two workloads with token parallelism (a batch of
+requests of different lengths, and requests joining and finishing mid-run), for two
+architectures (Qwen2 and Llama), then re-run them TP-only on a small cache. The parent checks
+tokens and logits against that reference, against the TP 1 run and against transformers, and
+checks the group layout, that workers hold no weights, and the memory accounting.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import random
+
+import pytest
+import torch
+
+from hybridpar.distributed.launcher import launch
+from hybridpar.models.config import ModelConfig
+from hybridpar.models.default_checkpoint import resolve_model
+from hybridpar.models.sampling import SamplingParams
+from hybridpar.radix.mem_pool import kv_bytes_per_token
+from hybridpar.tknp.attention import AttentionGeometry
+from hybridpar.tknp.engine import Request
+from hybridpar.tknp.memory import decoder_param_bytes, plan_memory, shape_of
+from hybridpar.tknp.runner import Workload
+from tests.tknp_workers import serve_and_compare
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODELS = ["qwen2-tiny", "llama-tiny"]
+MAX_SEQ_LEN = 48
+ATOL = 1e-4
+
+
+def _prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(0, 256) for _ in range(n)]
+
+
+def _workloads() -> list[Workload]:
+    rng = random.Random(7)
+    greedy = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    static = [Request(_prompt(rng, n), greedy) for n in (1, 3, 7, 12, 20)]
+    # (prompt length, arrival step, max_new_tokens): requests join while others decode, and leave early
+    shape = [(5, 0, 3), (9, 0, 7), (2, 1, 2), (15, 3, 5), (4, 4, 4), (8, 6, 3)]
+    joining = [Request(_prompt(rng, n), SamplingParams(max_new_tokens=m, ignore_eos=i != 1), a)
+               for i, (n, a, m) in enumerate(shape)]
+    return [Workload("static", static, return_logits=True), Workload("joining", joining, return_logits=True)]
+
+
+WORKLOADS = _workloads()
+
+
+@functools.cache
+def _config(name: str) -> ModelConfig:
+    return ModelConfig.from_pretrained(resolve_model(name))
+
+
+def _row_bytes(name: str, tp: int) -> int:
+    g = AttentionGeometry.from_config(_config(name), tp, 0)
+    return MAX_SEQ_LEN * kv_bytes_per_token(g.num_layers, g.num_kv_heads, g.head_dim, torch.float32)
+
+
+def _budget(name: str, tp: int) -> int:
+    """Per-rank budget leaving the root 2 cache rows after its weights (the workers get many more)."""
+    return decoder_param_bytes(_config(name), tp) + 2 * _row_bytes(name, tp) + _row_bytes(name, tp) // 2
+
+
+@functools.cache
+def _hf(name: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(resolve_model(name)), dtype=torch.float32).eval()
+
+
+def _hf_logits(name: str, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """transformers' logits at the positions where each of ``tokens`` was chosen."""
+    with torch.no_grad():
+        logits = _hf(name)(torch.tensor([prompt + tokens])).logits[0]
+    return logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)].float()
+
+
+@functools.cache
+def _run(tp: int, tknp: int) -> list[dict]:
+    budgets = {m: _budget(m, tp) for m in MODELS}
+    return launch(serve_and_compare, tp * tknp, MODELS, tp, tknp, budgets, MAX_SEQ_LEN, WORKLOADS, 3,
+                  backend="gloo", timeout=240)
+
+
+LAYOUTS = [(1, 2), (1, 4), (2, 2)]
+
+
+@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=["tknp2", "tknp4", "tp2xtknp2"])
+def test_groups(tp, tknp):
+    results = _run(tp, tknp)
+    world = tp * tknp
+    for rank, r in enumerate(results):
+        g = r["groups"]
+        assert g["tknp"] == list(range(rank % tp, world, tp))  # same TP rank across TKNP indices
+        assert g["tp"] == list(range(rank // tp * tp, rank // tp * tp + tp))
+        assert g["dp"] == [rank]  # DP groups have size 1 under TKNP
+        assert g["is_root"] == (rank < tp) and g["tknp_rank"] == rank // tp
+        assert g["initialized"] and g["layout_is"]
+
+
+@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=["tknp2", "tknp4", "tp2xtknp2"])
+@pytest.mark.parametrize("model", MODELS)
+def test_tokens_and_logits_match_tp_only_tp1_and_transformers(tp, tknp, model):
+    roots = [r["models"][model] for r in _run(tp, tknp)[:tp]]
+    tp1 = _run(1, 2)[0]["models"][model]["reference"]
+    for w in WORKLOADS:
+        got = roots[0]["outputs"][w.name]
+        assert all(_same(root["outputs"][w.name], got) for root in roots)  # TP roots agree
+        for i, (out, req) in enumerate(zip(got, w.requests)):
+            for ref in (roots[0]["reference"][w.name][i], tp1[w.name][i]):
+                assert out["tokens"] == ref["tokens"], (w.name, i)
+                assert (out["logits"] - ref["logits"]).abs().max() <= ATOL
+            hf = _hf_logits(model, req.prompt_ids, out["tokens"])
+            assert (out["logits"] - hf).abs().max() <= ATOL, (w.name, i)
+            assert hf.argmax(-1).tolist() == out["tokens"], (w.name, i)
+            assert len(out["tokens"]) == req.sampling.max_new_tokens or out["reason"] == "eos"
+    static = [o["tokens"] for o in roots[0]["outputs"]["static"]]
+    assert roots[0]["generate"] == static  # the static-batch generate() agrees with the engine
+    assert all(root["fallback_exact"] for root in roots)
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return all(x["tokens"] == y["tokens"] and torch.equal(x["logits"], y["logits"]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=["tknp2", "tknp4", "tp2xtknp2"])
+def test_requests_spread_over_ranks_join_and_leave(tp, tknp):
+    results = _run(tp, tknp)
+    for model in MODELS:
+        root = results[0]["models"][model]
+        joining = root["outputs"]["joining"]
+        assert len({o["admitted"] for o in joining}) > 2 and len({o["finished"] for o in joining}) > 2
+        used = {o["rank"] for w in WORKLOADS for o in root["outputs"][w.name]}
+        assert used == set(range(tknp))
+        # each worker attended exactly the new tokens the root's steps placed on its TKNP rank
+        for r in results[tp:]:
+            k = r["groups"]["tknp_rank"]
+            expected = sum(new[k] for w in WORKLOADS for _, new in root["history"][w.name])
+            assert r["models"][model]["stats"]["new_tokens"] == expected
+            assert r["models"][model]["stats"]["steps"] == sum(len(root["history"][w.name]) for w in WORKLOADS)
+
+
+@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=["tknp2", "tknp4", "tp2xtknp2"])
+def test_workers_hold_no_weights_and_kv_adds_up(tp, tknp):
+    results = _run(tp, tknp)
+    for model in MODELS:
+        config = _config(model)
+        budget = _budget(model, tp)
+        plan = plan_memory(shape_of(config), budget, tensor_parallel_size=tp, token_parallel_size=tknp,
+                           bytes_per_param=4, bytes_per_elem=4, param_bytes=decoder_param_bytes(config, tp),
+                           granularity=MAX_SEQ_LEN)
+        for rank, r in enumerate(results):
+            m = r["models"][model]
+            if rank < tp:
+                assert m["param_bytes"] == decoder_param_bytes(config, tp) and m["parameter_objects"] > 0
+                cap = m["capacities"][0]
+            else:
+                assert m["parameter_objects"] == 0  # not a single nn.Parameter in a worker process
+                cap = m["capacity"]
+                assert cap.param_bytes == 0 and cap.num_slots > m["capacities"][0].num_slots
+            assert cap.num_tokens == plan.ranks[rank].kv_tokens
+            assert cap.kv_bytes == plan.ranks[rank].kv_bytes
+        # the distinct tokens the deployment caches: one TP group per TKNP index, capacities add up
+        by_index = [results[k * tp]["models"][model] for k in range(tknp)]
+        measured = by_index[0]["capacities"][0].num_tokens + sum(m["capacity"].num_tokens for m in by_index[1:])
+        assert measured == plan.kv_tokens_total
