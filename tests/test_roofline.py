@@ -133,8 +133,16 @@ def test_from_hf_config_round_trips_a_preset(tmp_path) -> None:
     assert ModelShape.from_hf_config(path, name="qwen2.5-0.5b") == QWEN
 
 
+def test_tiny_preset_is_the_shape_of_the_builtin_test_checkpoint() -> None:
+    from hybridpar.models.default_checkpoint import BUILTIN_MODELS
+
+    shape = ModelShape.from_hf_config(BUILTIN_MODELS["qwen2-tiny"].config, name="tiny")
+    assert shape == MODEL_PRESETS["tiny"]
+
+
 def test_formatting() -> None:
     assert format_bytes(12288) == "12.3 kB"
     assert format_bytes(3) == "3 B"
     assert format_seconds(0.0123) == "12.3 ms"
     assert format_seconds(2e-6) == "2 µs"
+    assert format_seconds(0) == "0 s"

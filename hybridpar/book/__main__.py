@@ -10,7 +10,8 @@ from hybridpar.book.vendor import vendor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hybridpar.book", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m hybridpar.book", description="Build the book, run its labs, "
+                                     "vendor its JavaScript (see `pydoc hybridpar.book`).")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("build", help="jupyter-book build . -W -n --keep-going (chapters executed, labs rendered)")
     sub.add_parser("labs", help="execute lab notebooks in place; see `python -m hybridpar.book.run_labs -h`",

@@ -14,14 +14,18 @@ them against those outputs. So every lab is committed after a run of this tool, 
    (run GPU labs on a GPU machine; mark their GPU-only cells ``nbval-skip`` for CPU CI);
 4. executes it top to bottom in a fresh ``python3`` kernel with nbclient, with this checkout on
    ``PYTHONPATH``, ``HF_HUB_OFFLINE=1``, and ``store_widget_state=True`` so that every ipywidget
-   renders in the static book.
+   renders in the static book; widget ids are then numbered in order, so that re-running an
+   unchanged lab changes nothing.
 
-Lab metadata (notebook level): ``kernelspec`` python3; ``hybridpar: {"min_gpus": N}``; labs with
-``N >= 1`` also carry Colab's ``"accelerator": "GPU"``.
+Lab conventions (checked by :func:`check_lab` and ``tests/test_labs.py``): notebook metadata
+``kernelspec`` python3 and ``hybridpar: {"min_gpus": N}``; labs with ``N >= 1`` also carry Colab's
+``"accelerator": "GPU"``; the cell after the install cell opens with a ``runs-on-cpu`` or
+``needs-gpus`` admonition.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -104,6 +108,21 @@ def check_lab(nb: Any, url: str) -> list[str]:
     return problems
 
 
+def stable_widget_ids(nb: Any) -> Any:
+    """``nb`` with its widget model ids (random UUIDs) replaced by ids numbered in creation order.
+
+    The ids appear in the stored state, in references between models and in the outputs that
+    display them; renumbering all of them keeps re-runs of an unchanged lab diff-free.
+    """
+    import nbformat
+
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE_MIME, {}).get("state", {})
+    text = json.dumps(nb)
+    for i, model_id in enumerate(list(state)):
+        text = text.replace(model_id, f"{i + 1:032x}")
+    return nbformat.from_dict(json.loads(text))
+
+
 def _available_gpus() -> int:
     try:
         import torch
@@ -134,6 +153,7 @@ def execute_lab(path: Path, timeout: int = 120, root: Path = ROOT) -> float:
     start = time.perf_counter()
     client.execute(env=build_env(root))
     seconds = time.perf_counter() - start
+    nb = stable_widget_ids(nb)
     problems = check_lab(nb, url)
     if problems:
         raise RuntimeError(f"{path.name} ran but is not a valid lab: " + "; ".join(problems))
