@@ -30,8 +30,8 @@ class ServerArgs:
       ``in_batch_deprioritize_threshold`` tokens with one already chosen, so the shared prefix is
       computed once and then hit (see :mod:`hybridpar.radix.schedule_policy`).
       ``max_prefill_tokens``: new tokens per prefill step (a lone longer request still runs).
-      ``chunked_prefill_size``: longest prefill chunk of one request (multiple of ``page_size``);
-      ``None`` disables chunking.
+      ``chunked_prefill_size``: new tokens per step for chunking: a request longer than what is left
+      of it gets a chunk of whole pages and resumes next step (``>= page_size``; ``None``: no chunking).
       ``init/min_new_token_ratio``, ``new_token_ratio_decay``: the fraction of each running
       request's remaining ``max_new_tokens`` reserved when admitting new requests; it decays per
       decode step and is reset to the initial value after a preemption (SGLang's estimate).
@@ -79,9 +79,6 @@ class ServerArgs:
             raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
         if self.chunked_prefill_size is not None:
             positive_int("chunked_prefill_size", self.chunked_prefill_size, self.page_size)
-            if self.chunked_prefill_size % self.page_size:
-                raise ValueError(f"chunked_prefill_size={self.chunked_prefill_size} must be a multiple of "
-                                 f"page_size={self.page_size} (chunks end on page boundaries); or None to disable")
         if not 0.0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1.0:
             raise ValueError(f"need 0 <= min_new_token_ratio ({self.min_new_token_ratio}) <= init_new_token_ratio "
                              f"({self.init_new_token_ratio}) <= 1")

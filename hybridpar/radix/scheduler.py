@@ -1,0 +1,476 @@
+"""TPScheduler: continuous batching over RadixAttention, decided on TP rank 0 and replayed on every rank.
+
+Usage (SPMD: every rank of the TP group runs the same lines)::
+
+    wrapper = TPRadixAttentionModelWrapper(model_name, page_size=16)
+    sched = TPScheduler(wrapper)
+    rid = sched.add_request("What is AI?", max_new_tokens=20)     # same rid on every rank
+    results = sched.process_requests()                             # {rid: RequestResult}, every rank
+
+Roles. Rank 0 owns the waiting queue, the running batch, the radix tree and the pools' free lists.
+Each step it decides a :class:`StepPlan` (which requests, which token ids, which KV slots) and
+broadcasts it with ``broadcast_object``; the plan also carries the log of every pool change rank 0
+made since the last plan (:mod:`hybridpar.radix.pool_sync`). The other ranks run a follower loop
+inside ``process_requests``: replay the pool changes on their mirror pools, run the same forward
+(storing *their* KV heads at the same slots), take part in the logits all-gather, repeat until
+the ``done`` plan, which carries the results, so every rank returns the same dict. Sampling
+happens on rank 0 only; the sampled tokens reach the other ranks as the next plan's input ids.
+
+One step (SGLang's event loop, without overlap):
+
+1. requests whose ``arrival_step`` has come join the waiting queue (continuous batching);
+2. prefill first: the policy orders the queue, the :class:`PrefillAdder` admits what fits (the
+   chunked request first); finished prompts are inserted into the tree right away
+   (``cache_unfinished_req``) so later requests hit them;
+3. otherwise decode every running request by one token. If the pool cannot give each a slot even
+   after eviction, running requests are preempted (fewest outputs first): their KV goes to the
+   tree as evictable cache, they go back to the waiting queue and later resume where they were.
+
+Memory pressure, in order: evict unlocked cache (inside allocation); make waiting requests wait
+(the adder's budget); preempt running ones. A request that could never fit (prompt +
+``max_new_tokens`` beyond the pool or the context) is rejected by ``add_request`` with
+:class:`RequestTooLargeError`; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hybridpar.distributed.communication_op import broadcast_object
+from hybridpar.models.attention_backend import ForwardBatch
+from hybridpar.models.sampling import SamplingParams, sample
+from hybridpar.radix.allocation import alloc_for_decode
+from hybridpar.radix.mem_pool import (
+    MHATokenToKVPool,
+    ReqToTokenPool,
+    TokenToKVPoolAllocator,
+    kv_bytes_per_token,
+    max_tokens_for_budget,
+)
+from hybridpar.radix.paged_backend import RadixAttentionBackend
+from hybridpar.radix.pool_sync import (
+    MemoryOp,
+    RecordingReqToTokenPool,
+    RecordingTokenToKVPoolAllocator,
+    pool_digest,
+    replay,
+)
+from hybridpar.radix.radix_cache import RadixCache
+from hybridpar.radix.schedule_policy import AddResult, PrefillAdder, SchedulePolicy
+from hybridpar.radix.serve_req import ServeReq
+from hybridpar.radix.server_args import ServerArgs
+
+
+class RequestTooLargeError(ValueError):
+    """A request that can never be served: its prompt + max_new_tokens exceed the KV pool or the context."""
+
+
+@dataclass
+class StepPlan:
+    """One step as decided on rank 0; every rank executes it identically.
+
+    ``kind``: ``"prefill"``, ``"decode"``, ``"done"`` (``payload`` = results and metrics) or
+    ``"abort"`` (``payload`` = rank 0's error). ``mem_ops``: pool changes to replay first. Batch
+    entry ``i`` uses row ``req_pool_indices[i]``, has ``prefix_lens[i]`` tokens of KV already and
+    brings ``extend_lens[i]`` new ones, whose ids are the ``i``-th segment of ``input_ids`` and whose
+    KV goes to the same segment of ``out_cache_loc``. ``sample_rows``: entries whose last new token
+    yields the next token (the others are non-final prefill chunks).
+    """
+
+    kind: str
+    mem_ops: list[MemoryOp] = field(default_factory=list)
+    rids: list[int] = field(default_factory=list)
+    req_pool_indices: list[int] = field(default_factory=list)
+    prefix_lens: list[int] = field(default_factory=list)
+    extend_lens: list[int] = field(default_factory=list)
+    input_ids: list[int] = field(default_factory=list)
+    out_cache_loc: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    payload: Any = None
+
+
+@dataclass
+class RequestResult:
+    """A finished request. ``text`` is decoded only for text prompts. Times are seconds on rank 0."""
+
+    rid: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    finish_reason: str  # "eos" or "length"
+    cached_tokens: int  # prompt tokens served from the radix cache at first admission
+    num_preemptions: int
+    ttft_s: float  # arrival -> first token
+    latency_s: float  # arrival -> last token
+    text: str | None = None
+
+
+@dataclass
+class SchedulerMetrics:
+    """Cumulative counters of one scheduler (rank 0's, copied to every rank by the ``done`` plan)."""
+
+    prompt_tokens: int = 0  # prompts of admitted requests, each counted once
+    cached_prompt_tokens: int = 0  # of which served from the cache at first admission
+    prefill_tokens_computed: int = 0  # tokens run through prefill (recomputation after preemption included)
+    decode_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    preemptions: int = 0
+    evicted_tokens: int = 0
+    finished_requests: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Cached prompt tokens / prompt tokens (SGLang's metric)."""
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.generated_tokens) / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass
+class StepRecord:
+    """What one step did (rank 0's ``step_log``, for the book's explorer and for debugging)."""
+
+    kind: str
+    rids: list[int]
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    free_tokens: int  # after the step's allocations
+    evictable_tokens: int
+    running: int
+    waiting: int
+
+
+class _MeteredRadixCache(RadixCache):
+    """A RadixCache that counts the tokens it evicts."""
+
+    evicted_tokens = 0
+
+    def evict(self, num_tokens: int) -> int:
+        freed = super().evict(num_tokens)
+        self.evicted_tokens += freed
+        return freed
+
+
+class TPScheduler:
+    """Continuous-batching RadixAttention server over a :class:`TPRadixAttentionModelWrapper`.
+
+    ``overrides`` replace fields of the wrapper's :class:`ServerArgs` (e.g. ``max_total_tokens=256``),
+    so one loaded model can back several schedulers. Rank 0 attributes: ``tree_cache``, ``policy``,
+    ``waiting``, ``running``, ``chunked_req``, ``step_log``. Every rank: ``args``, ``metrics``,
+    ``req_to_token_pool``, ``allocator``, ``kv_pool``, ``backend``, :meth:`pool_digest`.
+    """
+
+    def __init__(self, model_wrapper: Any, **overrides: Any) -> None:
+        self.wrapper = model_wrapper
+        self.args: ServerArgs = replace(model_wrapper.server_args, **overrides)
+        self.model = model_wrapper.model
+        self.tp_group = model_wrapper.tp_group
+        self.device = torch.device(model_wrapper.device)
+        self.is_leader = self.tp_group.rank_in_group == 0
+        config = self.model.config
+        self.max_context_len = self.args.max_context_len or config.max_position_embeddings
+        self.eos_token_ids = set(config.eos_token_ids)
+        ps = self.args.page_size
+        size = self._pool_tokens()
+        self._ops: list[MemoryOp] = []
+        if self.is_leader:
+            self.req_to_token_pool: ReqToTokenPool = RecordingReqToTokenPool(
+                self.args.max_running_requests, self.max_context_len, self.device, self._ops)
+            self.allocator: TokenToKVPoolAllocator = RecordingTokenToKVPoolAllocator(size, ps, self.device, self._ops)
+        else:
+            self.req_to_token_pool = ReqToTokenPool(self.args.max_running_requests, self.max_context_len, self.device)
+            self.allocator = TokenToKVPoolAllocator(size, ps, self.device)
+        self.kv_pool = MHATokenToKVPool(size, ps, self.model.dtype, self.model.num_kv_heads_per_rank,
+                                        config.head_dim, config.num_layers, self.device)
+        self.backend = RadixAttentionBackend(self.req_to_token_pool, self.kv_pool, check_reads=self.args.debug_checks)
+        self.metrics = SchedulerMetrics()
+        self._next_rid = 0
+        if self.is_leader:
+            self.tree_cache = _MeteredRadixCache(self.req_to_token_pool, self.allocator, ps,
+                                                 disable=self.args.disable_radix_cache)
+            self.policy = SchedulePolicy(self.args.schedule_policy, self.tree_cache, self.args.in_batch_prefix_caching,
+                                         self.args.in_batch_check_threshold, self.args.in_batch_deprioritize_threshold)
+            self.new_token_ratio = self.args.init_new_token_ratio
+            self.pending: list[ServeReq] = []
+            self.waiting: list[ServeReq] = []
+            self.running: list[ServeReq] = []
+            self.chunked_req: ServeReq | None = None
+            self.step_log: list[StepRecord] = []
+            self._batch: list[ServeReq] = []  # the requests of the step being executed
+            self._arrivals = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _pool_tokens(self) -> int:
+        """KV-pool size in tokens: explicit, or from memory; the minimum over the TP ranks."""
+        a, cfg = self.args, self.model.config
+        if a.max_total_tokens is not None:
+            tokens = a.max_total_tokens // a.page_size * a.page_size
+        else:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                budget = int(free - (1.0 - a.mem_fraction_static) * total)
+            else:
+                budget = a.cpu_kv_cache_bytes
+            tokens = max_tokens_for_budget(max(budget, 0), cfg.num_layers, self.model.num_kv_heads_per_rank,
+                                           cfg.head_dim, self.model.dtype, a.page_size)
+            if self.tp_group.world_size > 1:
+                t = torch.tensor([tokens], dtype=torch.int64)
+                dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp_group.cpu_group)
+                tokens = int(t)
+        if tokens < a.page_size:
+            per_token = kv_bytes_per_token(cfg.num_layers, self.model.num_kv_heads_per_rank, cfg.head_dim,
+                                           self.model.dtype)
+            raise ValueError(f"no room for a KV cache ({per_token} bytes per token per rank): pass max_total_tokens=, "
+                             f"raise mem_fraction_static / cpu_kv_cache_bytes, or use more TP ranks")
+        return tokens
+
+    # ----------------------------------------------------------------- requests
+    def add_request(self, prompt: str | list[int], max_new_tokens: int | None = None,
+                    sampling: SamplingParams | None = None, *, arrival_step: int = 0) -> int:
+        """Queue a request (text or token ids); returns its id. Call it on every rank with the same arguments.
+
+        ``sampling`` defaults to greedy; ``max_new_tokens`` overrides its field (default 32).
+        ``arrival_step``: the request joins the waiting queue after that many steps of the next
+        :meth:`process_requests` (0: at once), to simulate requests arriving while others run.
+        """
+        if sampling is None:
+            sampling = SamplingParams(max_new_tokens=32 if max_new_tokens is None else max_new_tokens)
+        elif max_new_tokens is not None:
+            sampling = replace(sampling, max_new_tokens=max_new_tokens)
+        if isinstance(prompt, str):
+            text, ids = prompt, self.wrapper.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        self._validate(ids, sampling.max_new_tokens, arrival_step)
+        rid = self._next_rid
+        self._next_rid += 1
+        if self.is_leader:
+            self.pending.append(ServeReq(rid, ids, sampling=sampling, arrival_step=arrival_step, prompt_text=text))
+        return rid
+
+    def _validate(self, ids: list[int], max_new_tokens: int, arrival_step: int) -> None:
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if isinstance(arrival_step, bool) or not isinstance(arrival_step, int) or arrival_step < 0:
+            raise ValueError(f"arrival_step must be an int >= 0, got {arrival_step!r}")
+        total = len(ids) + max_new_tokens
+        if total > self.max_context_len:
+            raise RequestTooLargeError(f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceed "
+                                       f"max_context_len={self.max_context_len}; shorten the prompt or max_new_tokens")
+        need_pages = -(-(total - 1) // self.args.page_size)
+        if need_pages > self.allocator.num_pages:
+            raise RequestTooLargeError(
+                f"request needs {need_pages} KV pages ({total - 1} tokens, page_size={self.args.page_size}) but the "
+                f"pool has {self.allocator.num_pages} ({self.allocator.size} tokens): it could never run. Raise "
+                f"max_total_tokens (or mem_fraction_static), use more TP ranks, or shorten the prompt / max_new_tokens")
+
+    # -------------------------------------------------------------- main loops
+    def process_requests(self) -> dict[int, RequestResult]:
+        """Serve every added request to completion; returns ``{rid: RequestResult}`` in rid order.
+
+        On rank 0 this runs the scheduling loop; on the other ranks the follower loop. Both
+        return the same results (shipped with the final ``done`` plan). Call it on every rank.
+        """
+        if not self.is_leader:
+            return self._follow()
+        try:
+            return self._lead()
+        except BaseException as exc:
+            self._send(StepPlan("abort", payload=f"{type(exc).__name__}: {exc}"))
+            raise
+
+    def _follow(self) -> dict[int, RequestResult]:
+        while True:
+            plan: StepPlan = broadcast_object(None, src=0, group=self.tp_group)
+            replay(plan.mem_ops, self.req_to_token_pool, self.allocator)
+            if plan.kind == "done":
+                results, self.metrics = plan.payload
+                return results
+            if plan.kind == "abort":
+                raise RuntimeError(f"TP rank 0 stopped serving: {plan.payload}")
+            self._execute(plan)
+
+    def _send(self, plan: StepPlan) -> None:
+        plan.mem_ops = list(self._ops)
+        self._ops.clear()
+        broadcast_object(plan, src=0, group=self.tp_group)
+
+    def _lead(self) -> dict[int, RequestResult]:
+        start = time.perf_counter()
+        pending = sorted(self.pending, key=lambda r: (r.arrival_step, r.rid))
+        self.pending = []
+        results: dict[int, RequestResult] = {}
+        step = 0
+        while pending or self.waiting or self.running or self.chunked_req is not None:
+            while pending and pending[0].arrival_step <= step:
+                req = pending.pop(0)
+                req.arrival_seq, req.arrival_time = self._arrivals, time.perf_counter()
+                self._arrivals += 1
+                self.waiting.append(req)
+            plan = self._get_next_batch()
+            if plan is None:
+                if pending and not (self.waiting or self.running or self.chunked_req):
+                    step = pending[0].arrival_step  # idle until the next arrival
+                    continue
+                raise RuntimeError(f"scheduler stalled with {len(self.waiting)} waiting requests and nothing running")
+            self._send(plan)
+            logits = self._execute(plan)
+            self._process_batch_result(plan, logits, results)
+            if self.args.debug_checks:
+                self.tree_cache.check_integrity(self.running + ([self.chunked_req] if self.chunked_req else []))
+            step += 1
+        self.metrics.evicted_tokens = self.tree_cache.evicted_tokens
+        self.metrics.wall_s += time.perf_counter() - start
+        results = dict(sorted(results.items()))
+        self._send(StepPlan("done", payload=(results, self.metrics)))
+        return results
+
+    # --------------------------------------------------------------- scheduling
+    def _get_next_batch(self) -> StepPlan | None:
+        if self.waiting or self.chunked_req is not None:
+            plan = self._prefill_batch()
+            if plan is not None:
+                return plan
+        if self.running:
+            return self._decode_batch()
+        return None
+
+    def _prefill_batch(self) -> StepPlan | None:
+        held = self.policy.calc_priority(self.waiting)
+        adder = PrefillAdder(self.tree_cache, self.running, self.new_token_ratio, self.args.max_prefill_tokens,
+                             self.args.chunked_prefill_size)
+        candidates = ([self.chunked_req] if self.chunked_req else []) + [r for r in self.waiting if r.rid not in held]
+        for req in candidates:
+            if adder.add_one_req(req) is not AddResult.CONTINUE:
+                break
+        if not adder.can_run:
+            return None
+        admitted = set(map(id, adder.can_run))
+        self.waiting = [r for r in self.waiting if id(r) not in admitted]
+        if self.chunked_req is not None and id(self.chunked_req) in admitted:
+            self.chunked_req = None
+        if adder.new_chunked_req is not None:
+            self.chunked_req = adder.new_chunked_req
+        for req, prefix in zip(adder.can_run, adder.prefix_lens):
+            if req in adder.started and req.cached_tokens is None:  # first admission
+                req.cached_tokens = prefix
+                self.metrics.prompt_tokens += len(req.origin_input_ids)
+                self.metrics.cached_prompt_tokens += prefix
+        self.metrics.prefill_tokens_computed += sum(adder.extend_lens)
+        self.metrics.prefill_steps += 1
+        reqs = adder.can_run
+        return self._plan("prefill", reqs, adder.prefix_lens, adder.extend_lens, torch.cat(adder.out_cache_loc),
+                          [i for i, r in enumerate(reqs) if r.kv_len == len(r.all_ids)])
+
+    def _decode_batch(self) -> StepPlan:
+        self._retract_if_needed()
+        reqs = list(self.running)
+        prefix_lens = [r.kv_len for r in reqs]
+        loc = alloc_for_decode(self.tree_cache, reqs)
+        if loc is None:  # cannot happen: _retract_if_needed made room
+            raise RuntimeError("decode allocation failed after preemption")
+        self.new_token_ratio = max(self.args.min_new_token_ratio, self.new_token_ratio - self.args.new_token_ratio_decay)
+        self.metrics.decode_tokens += len(reqs)
+        self.metrics.decode_steps += 1
+        return self._plan("decode", reqs, prefix_lens, [1] * len(reqs), loc, list(range(len(reqs))))
+
+    def _plan(self, kind: str, reqs: list[ServeReq], prefix_lens: list[int], extend_lens: list[int],
+              loc: torch.Tensor, sample_rows: list[int]) -> StepPlan:
+        self._batch = reqs
+        input_ids = [t for r, p, n in zip(reqs, prefix_lens, extend_lens) for t in r.all_ids[p:p + n]]
+        self.step_log.append(StepRecord(kind, [r.rid for r in reqs], list(prefix_lens), list(extend_lens),
+                                        self.allocator.available_size(), self.tree_cache.evictable_size(),
+                                        len(self.running), len(self.waiting)))
+        return StepPlan(kind, rids=[r.rid for r in reqs], req_pool_indices=[r.req_pool_idx for r in reqs],
+                        prefix_lens=list(prefix_lens), extend_lens=list(extend_lens), input_ids=input_ids,
+                        out_cache_loc=loc.tolist(), sample_rows=sample_rows)
+
+    def _retract_if_needed(self) -> None:
+        """Preempt running requests (fewest outputs, then longest prompt first) until one decode step fits."""
+        ps = self.args.page_size
+
+        def short() -> bool:
+            need = sum(1 for r in self.running if r.kv_len % ps == 0) * ps
+            return need > self.allocator.available_size() + self.tree_cache.evictable_size()
+
+        while short():
+            if len(self.running) > 1:
+                victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
+                self.running.remove(victim)
+            elif self.chunked_req is not None:
+                victim, self.chunked_req = self.chunked_req, None
+            else:
+                raise RuntimeError("a lone request cannot decode: the pool is smaller than add_request checked")
+            self.tree_cache.cache_finished_req(victim)  # its KV stays as evictable cache
+            victim.reset_for_retract()
+            self.waiting.append(victim)
+            self.metrics.preemptions += 1
+            self.new_token_ratio = self.args.init_new_token_ratio
+
+    # ---------------------------------------------------------------- execution
+    @torch.no_grad()
+    def _execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run the plan's forward on this rank; full-vocabulary logits of ``sample_rows`` (every rank)."""
+        loc = torch.tensor(plan.out_cache_loc, dtype=torch.int64, device=self.device)
+        fb = ForwardBatch.build(self.backend, plan.req_pool_indices, plan.prefix_lens, plan.extend_lens, self.device,
+                                out_cache_loc=loc)
+        input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, fb.positions, fb)
+        if not plan.sample_rows:
+            return None
+        rows = fb.last_token_indices()[torch.tensor(plan.sample_rows, device=self.device)]
+        return self.model.compute_logits(hidden[rows])
+
+    def _process_batch_result(self, plan: StepPlan, logits: torch.Tensor | None,
+                              results: dict[int, RequestResult]) -> None:
+        sampled = [self._batch[i] for i in plan.sample_rows]
+        tokens = sample(logits, [r.sampling for r in sampled], [r.generator for r in sampled]) if sampled else []
+        now = time.perf_counter()
+        for req, tok in zip(sampled, tokens):
+            req.output_ids.append(tok)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self.metrics.generated_tokens += 1
+            if tok in self.eos_token_ids and not req.sampling.ignore_eos:
+                req.finish_reason = "eos"
+            elif req.remaining_new_tokens <= 0:
+                req.finish_reason = "length"
+            if req.finish_reason is not None:
+                self.tree_cache.cache_finished_req(req)
+                if req in self.running:
+                    self.running.remove(req)
+                req.finish_time = now
+                results[req.rid] = self._result(req)
+                self.metrics.finished_requests += 1
+            elif plan.kind == "prefill":
+                self.tree_cache.cache_unfinished_req(req)  # share the prompt with later requests now
+                self.running.append(req)
+        if self.chunked_req is not None and self.chunked_req in self._batch:
+            self.tree_cache.cache_unfinished_req(self.chunked_req)  # its chunks so far become shareable
+
+    def _result(self, req: ServeReq) -> RequestResult:
+        text = self.wrapper.decode(req.output_ids) if req.prompt_text is not None else None
+        return RequestResult(req.rid, list(req.origin_input_ids), list(req.output_ids), req.finish_reason,
+                             req.cached_tokens or 0, req.num_preemptions, req.first_token_time - req.arrival_time,
+                             req.finish_time - req.arrival_time, text)
+
+    # --------------------------------------------------------------- inspection
+    def pool_digest(self) -> dict[str, Any]:
+        """This rank's pool state summary (:func:`hybridpar.radix.pool_sync.pool_digest`); equal on all ranks."""
+        return pool_digest(self.req_to_token_pool, self.allocator, self.backend.filled)
