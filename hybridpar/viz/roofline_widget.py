@@ -54,14 +54,22 @@ def step_rows(model: ModelShape, hardware: HardwareSpec, step: DecodeStep) -> li
     ]
 
 
+def html_table(rows: Sequence[Sequence[object]], caption: str, header: Sequence[str] = (),
+               compact: bool = False) -> str:
+    """A small HTML table in the book's style (``table.hybridpar-roofline`` in ``_assets/hybridpar.css``)."""
+    head = "<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    cls = "hybridpar-roofline compact" if compact else "hybridpar-roofline"
+    return f'<table class="{cls}"><caption>{caption}</caption>{head}{body}</table>'
+
+
 def step_table_html(model: ModelShape, hardware: HardwareSpec, step: DecodeStep) -> str:
     """An HTML table of :func:`step_rows`, titled with the setting."""
     title = (
         f"{model.name} on {step.tp_size} x {hardware.name}, batch {step.batch_size}, "
         f"context {step.context_len}"
     )
-    body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in step_rows(model, hardware, step))
-    return f'<table class="hybridpar-roofline"><caption>{title}</caption>{body}</table>'
+    return html_table(step_rows(model, hardware, step), title)
 
 
 def comparison_table_html(
@@ -71,20 +79,21 @@ def comparison_table_html(
     batch_sizes: Sequence[int],
     context_len: int,
 ) -> str:
-    """A static HTML table: one row per (TP size, batch) with the main results of :func:`decode_step_time`."""
-    head = ("TP", "batch", "weights/rank", "KV cache/rank", "fits", "memory", "compute", "comm",
-            "step", "bound", "tokens/s")
+    """A static HTML table: one row per (TP size, batch) with the main results of :func:`decode_step_time`.
+
+    Step times are memory-bound unless marked.
+    """
+    header = ("TP", "batch", "weights/rank", "KV/rank", "fits", "memory", "compute", "comm", "step", "tokens/s")
     rows = []
     for t in tp_sizes:
         for b in batch_sizes:
             s = decode_step_time(model, hardware, t, b, context_len)
-            cells = (t, b, format_bytes(s.weight_bytes), format_bytes(s.kv_cache_bytes), "yes" if s.fits else "no",
-                     format_seconds(s.memory_time), format_seconds(s.compute_time), format_seconds(s.comm_time),
-                     format_seconds(s.step_time), s.bound, f"{s.tokens_per_second:,.0f}")
-            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            step = format_seconds(s.step_time) + ("" if s.bound == "memory" else " (compute-bound)")
+            rows.append((t, b, format_bytes(s.weight_bytes), format_bytes(s.kv_cache_bytes), "yes" if s.fits else "no",
+                         format_seconds(s.memory_time), format_seconds(s.compute_time), format_seconds(s.comm_time),
+                         f"<b>{step}</b>", f"{s.tokens_per_second:,.0f}"))
     caption = f"{model.name} on {hardware.name}, context {context_len} tokens per request"
-    header = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
-    return f'<table class="hybridpar-roofline"><caption>{caption}</caption>{header}{"".join(rows)}</table>'
+    return html_table(rows, caption, header, compact=True)
 
 
 def roofline_calculator(
