@@ -41,23 +41,22 @@ import torch.distributed as dist
 
 from hybridpar.distributed.launcher import BACKENDS, current_device, is_torchrun, launch, run_torchrun
 
-BUS_FACTORS = {  # collective -> factor(n) for the bus bandwidth; see the module docstring
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "broadcast": lambda n: 1.0,
-    "reduce": lambda n: 1.0,
-}
+BUS_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce")
 DEFAULT_SIZES = tuple(4 ** k * 1024 for k in range(8))  # 1 KiB .. 16 MiB
 
 
 def bus_factor(collective: str, world_size: int) -> float:
     """The factor that turns algorithm bandwidth into bus bandwidth for ``collective`` on ``world_size`` ranks."""
-    if collective not in BUS_FACTORS:
-        raise ValueError(f"no bus-bandwidth factor for {collective!r}; known: {sorted(BUS_FACTORS)}")
+    if collective not in BUS_COLLECTIVES:
+        raise ValueError(f"no bus-bandwidth factor for {collective!r}; known: {list(BUS_COLLECTIVES)}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    return BUS_FACTORS[collective](world_size)
+    n = world_size
+    if collective == "all_reduce":  # reduce-scatter, then all-gather: n-1 chunks of S/n sent in each
+        return 2 * (n - 1) / n
+    if collective in ("all_gather", "reduce_scatter"):  # n-1 chunks of S/n sent (or received)
+        return (n - 1) / n
+    return 1.0  # broadcast, reduce: a pipelined chain forwards all S bytes once
 
 
 def algbw(size_bytes: float, seconds: float) -> float:
