@@ -156,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from hybridpar.distributed.launcher import is_torchrun, run_torchrun
 
-    if args.force_cpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA is touched: torch then sees no GPU
+    torchrun = is_torchrun()
+    if args.force_cpu and torchrun:  # run_torchrun picks NCCL when it sees GPUs: hide them before CUDA starts
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
         workload = SharedPrefixWorkload(args.groups, args.prompts_per_group, args.system_len, args.question_len,
                                         args.output_len)
-        torchrun = is_torchrun()
         tp = int(os.environ["WORLD_SIZE"]) if torchrun else args.tp
         cfg = DemoConfig(args.model_name, tp, workload, not args.ordered, args.page_size, args.max_total_tokens,
                          args.schedule_policy, args.dtype, not args.no_compare)

@@ -11,11 +11,13 @@ Two pieces, both pure bookkeeping on rank 0 (no model, no communication):
 * in-batch prefix deprioritisation (LPM only): when several waiting requests share a prefix that
   is *not cached yet*, admitting them together would compute the prefix once per request. The
   policy walks the queue in arrival order, inserting each request with a short cache hit
-  (``<= check_threshold`` tokens) into a throwaway radix tree; a later request that matches
-  ``>= deprioritize_threshold`` tokens of that tree is *held back* for this step. The first one
-  computes the prefix and caches it; the held-back ones hit it next step. (SGLang only sorts such
-  requests last, so they can still share a batch when the budget allows; holding them back makes
-  "each shared prefix is prefilled once" hold whatever the budget.)
+  (``<= check_threshold`` tokens) into a throwaway radix tree; a later request whose match in that
+  tree is ``>= deprioritize_threshold`` tokens longer than its cache hit is *held back* for this
+  step. The first one computes the prefix and caches it; the held-back ones hit it next step.
+  (SGLang compares the in-batch match alone with the threshold and only sorts such requests last,
+  so they can still share a batch when the budget allows; holding them back makes "each shared
+  prefix is prefilled once" hold whatever the budget, and comparing the *gain* does not hold back
+  requests whose prefix is already cached.)
 
 :class:`PrefillAdder` admits requests in that order under three budgets:
 
@@ -65,7 +67,8 @@ class SchedulePolicy:
         for req in waiting:
             match = self.tree_cache.match_prefix_for_req(req)
             if in_batch is not None and match.prefix_len <= self.check_threshold:
-                if in_batch.match_prefix(req.all_ids).prefix_len >= self.deprioritize_threshold:
+                gain = in_batch.match_prefix(req.all_ids).prefix_len - match.prefix_len
+                if gain >= self.deprioritize_threshold:
                     held.add(req.rid)
                 else:
                     in_batch.insert(req.all_ids, torch.zeros(len(req.all_ids), dtype=torch.int64))
