@@ -12,6 +12,7 @@ from hybridpar.book.build import ROOT, build_env
 from hybridpar.book.run_labs import (
     INSTALL_TAG,
     check_lab,
+    execute_lab,
     install_cell_source,
     min_gpus,
     repository_url,
@@ -111,6 +112,17 @@ def test_check_lab_reports_missing_install_cell_and_gpu_metadata(tmp_path: Path)
     assert check_lab(nb, url) == []
     del nb.metadata["hybridpar"]
     assert any("min_gpus" in p for p in check_lab(nb, url))
+
+
+def test_run_labs_refuses_a_gpu_lab_without_the_gpus(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import torch")])
+    nb.metadata["hybridpar"] = {"min_gpus": 64}
+    nb.metadata["accelerator"] = "GPU"
+    path = tmp_path / "big.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(RuntimeError, match="needs 64 GPU"):
+        execute_lab(path)
+    assert _read(path).cells[0].source == "import torch"  # untouched: nothing was executed or written
 
 
 def test_install_cell_follows_config_url() -> None:
