@@ -212,8 +212,8 @@ def frame_html(frame: CollectiveFrame, chunk: int = 2, title: str | None = None)
         )
     caption = html.escape(title or f"{frame.collective} on {frame.world_size} ranks")
     return (
-        f'<div class="hybridpar-collective"><table style="border-collapse:separate;border-spacing:0 0.2em">'
-        f'<caption style="caption-side:top;text-align:left"><b>{caption}</b>: {html.escape(what)}</caption>'
+        f'<div class="hybridpar-collective"><div><b>{caption}</b>: {html.escape(what)}</div>'
+        f'<table style="border-collapse:separate;border-spacing:0 0.2em">'
         f'<tr><th></th><th style="text-align:left">before</th><th></th><th style="text-align:left">after</th></tr>'
         f'{"".join(rows)}</table>'
         f'<div style="font-size:0.85em">call: <code>{html.escape(call)}</code>; used for: {html.escape(use)}. '
