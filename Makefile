@@ -16,7 +16,7 @@ STAMP         := $(VENV)/.hybridpar-installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: venv book test demo lint clean
+.PHONY: venv book test demo labs clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,10 @@ book: venv
 ## The whole test suite (unit, multi-rank gloo, notebooks via nbval, the built book in headless Chromium).
 test: venv
 	$(BIN)/python -m pytest
+
+## Re-execute the labs and store their outputs and widget state (refuses GPU labs on CPU machines).
+labs: venv
+	$(BIN)/python -m hybridpar.book.run_labs labs/*.ipynb
 
 ## Tensor-parallel layers on 2 gloo ranks versus the unsharded layers.
 demo: venv
