@@ -157,11 +157,25 @@ def shard_map(kind: str, tp_size: int, model: ModelShape = EXAMPLE_MODEL, paddin
 
 
 def describe(smap: ShardMap, rank: int) -> str:
-    """What ``rank`` holds, in words (replicated blocks name the ranks they are shared with)."""
-    parts = []
+    """What ``rank`` holds, in words: runs of heads merged ("q heads 0-3"), and the ranks that share
+    a replicated block named."""
+    runs: list[tuple[str, int, int, tuple[int, ...]]] = []  # (label stem, first, last, sharing ranks)
     for b in smap.blocks_of(rank):
-        shared = [r for r in b.ranks if r != rank]
-        parts.append(b.label + (f" (also on rank {', '.join(map(str, shared))})" if shared else ""))
+        stem, _, number = b.label.rpartition(" ")
+        shared = tuple(r for r in b.ranks if r != rank)
+        if stem.endswith("head") and runs and runs[-1][0] == stem and runs[-1][2] == int(number) - 1 \
+                and runs[-1][3] == shared:
+            runs[-1] = (stem, runs[-1][1], int(number), shared)
+        elif stem.endswith("head"):
+            runs.append((stem, int(number), int(number), shared))
+        else:
+            runs.append((b.label, -1, -1, shared))
+    parts = []
+    for stem, first, last, shared in runs:
+        text = stem if first < 0 else (f"{stem} {first}" if first == last else f"{stem}s {first}-{last}")
+        if shared:
+            text += f" (also on rank{'s' if len(shared) > 1 else ''} {', '.join(map(str, shared))})"
+        parts.append(text)
     return "; ".join(parts)
 
 
@@ -238,15 +252,16 @@ def shard_map_html(smap: ShardMap, dpi: int = 80) -> str:
     fig.savefig(buffer, format="png", dpi=dpi)
     image = base64.b64encode(buffer.getvalue()).decode("ascii")
     rows = "".join(
-        f'<tr><td style="background:{rank_color(r)};color:{TEXT_COLOR};padding:0 0.5em">rank {r}</td>'
-        f'<td style="padding:0 0.5em">{"x".join(map(str, smap.local_shape(r)))}</td>'
+        f'<tr><td style="background:{rank_color(r)};color:{TEXT_COLOR};padding:0 0.5em;white-space:nowrap">'
+        f'rank {r}</td><td style="padding:0 0.5em">{"x".join(map(str, smap.local_shape(r)))}</td>'
         f'<td style="padding:0 0.5em">{html.escape(describe(smap, r))}</td></tr>'
         for r in range(smap.tp_size)
     )
     alt = f"{smap.kind}-parallel {smap.tensor} split over {smap.tp_size} ranks"
     return (f'<div class="hybridpar-shards"><img alt="{html.escape(alt)}" style="max-width:100%" '
             f'src="data:image/png;base64,{image}"/>'
-            f'<table style="font-size:0.85em;border-collapse:collapse"><tr><th>rank</th><th>local weight</th>'
+            f'<table style="font-size:0.85em;border-collapse:collapse"><tr><th>rank</th>'
+            f'<th style="white-space:nowrap">local weight</th>'
             f'<th style="text-align:left">holds</th></tr>{rows}</table></div>')
 
 
