@@ -14,25 +14,27 @@ from hybridpar.radix.scheduler import RequestTooLargeError, TPScheduler
 from hybridpar.radix.workload import SharedPrefixWorkload
 
 
-def _submit(sched: TPScheduler, prompts, max_new, ignore_eos, arrivals=None) -> list[int]:
+def _submit(sched: TPScheduler, prompts: list[list[int]], params: list[SamplingParams],
+            arrivals: list[int] | None = None) -> list[int]:
     arrivals = arrivals or [0] * len(prompts)
-    return [sched.add_request(p, sampling=SamplingParams(max_new_tokens=n, ignore_eos=e), arrival_step=a)
-            for p, n, e, a in zip(prompts, max_new, ignore_eos, arrivals)]
+    return [sched.add_request(p, sampling=s, arrival_step=a) for p, s, a in zip(prompts, params, arrivals)]
 
 
-def serving_scenarios(prompts: list[list[int]], max_new: list[int], ignore_eos: list[bool],
+def serving_scenarios(prompts: list[list[int]], params: list[SamplingParams],
                       workload: SharedPrefixWorkload | None = None) -> dict[str, Any]:
     """Serve the same requests under many configurations; return outputs, metrics and pool digests.
 
     Every scheduler runs with ``debug_checks`` (cache integrity after each step on rank 0, every KV
-    read verified on every rank). With ``workload``, also measure its hit rate under LPM.
+    read verified on every rank). ``out["generate"]``: the same requests through the contiguous-cache
+    ``generate``. With ``workload``, also measure its hit rate under LPM.
     """
     torch.set_num_threads(1)
     initialize_tensor_parallel(dist.get_world_size())
     # in-batch deprioritisation from 2 shared pages on, so these short prompts hit each other
     wrapper = TPRadixAttentionModelWrapper(None, page_size=4, max_total_tokens=2048, debug_checks=True,
                                            in_batch_deprioritize_threshold=8)
-    out: dict[str, Any] = {"outputs": {}, "metrics": {}, "digests": {}, "notes": {}}
+    out: dict[str, Any] = {"outputs": {}, "metrics": {}, "digests": {}, "notes": {},
+                           "generate": [o.token_ids for o in wrapper.generate_ids(prompts, params)]}
 
     def record(name: str, sched: TPScheduler, outputs: list[list[int]]) -> None:
         out["outputs"][name] = outputs
@@ -41,7 +43,7 @@ def serving_scenarios(prompts: list[list[int]], max_new: list[int], ignore_eos: 
 
     def run(name: str, arrivals: list[int] | None = None, **overrides: Any) -> TPScheduler:
         sched = TPScheduler(wrapper, **overrides)
-        rids = _submit(sched, prompts, max_new, ignore_eos, arrivals)
+        rids = _submit(sched, prompts, params, arrivals)
         results = sched.process_requests()
         record(name, sched, [results[r].output_ids for r in rids])
         return sched
@@ -61,8 +63,8 @@ def serving_scenarios(prompts: list[list[int]], max_new: list[int], ignore_eos: 
 
     sched = TPScheduler(wrapper)  # requests one at a time, each served to completion; the cache persists
     outputs = []
-    for p, n, e in zip(prompts, max_new, ignore_eos):
-        (rid,) = _submit(sched, [p], [n], [e])
+    for p, s in zip(prompts, params):
+        (rid,) = _submit(sched, [p], [s])
         outputs.append(sched.process_requests()[rid].output_ids)
     record("sequential", sched, outputs)
 
@@ -72,7 +74,7 @@ def serving_scenarios(prompts: list[list[int]], max_new: list[int], ignore_eos: 
         out["notes"]["rejected"] = None
     except RequestTooLargeError as exc:
         out["notes"]["rejected"] = str(exc)
-    rids = _submit(sched, prompts, max_new, ignore_eos)
+    rids = _submit(sched, prompts, params)
     results = sched.process_requests()
     record("after_rejection", sched, [results[r].output_ids for r in rids])
 

@@ -235,42 +235,44 @@ def test_server_args_reject_bad_values_with_the_fix():
 
 
 # ------------------------------------------------------------------ the model, TP 1 and TP 2
-def _requests() -> tuple[list[list[int]], list[int], list[bool]]:
+def _requests() -> tuple[list[list[int]], list[SamplingParams]]:
+    """Prompts sharing prefixes in every way (duplicates, a prefix of another, one token) + their sampling."""
     rng = random.Random(0)
     toks = lambda n: [rng.randrange(256) for _ in range(n)]  # noqa: E731
     system, other = toks(20), toks(13)
     q1, q2 = toks(7), toks(12)
     prompts = [system + q1, system + q2, system + q1, other + toks(5), system[:9], system + q2 + toks(9), [5],
-               toks(33), system + toks(3)]
-    max_new = [8, 10, 6, 12, 8, 9, 5, 7, 11]
-    ignore_eos = [True, False, True, False, True, False, True, False, True]
-    return prompts, max_new, ignore_eos
+               toks(33), system + toks(3), system + q1]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=i % 2 == 0)
+              for i, n in enumerate([8, 10, 6, 12, 8, 9, 5, 7, 11])]
+    params.append(SamplingParams(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=7))  # seeded sampling
+    return prompts, params
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[list[int]]:
-    """transformers' greedy tokens for each request (cut after EOS unless the request ignores it)."""
+def reference() -> list[list[int] | None]:
+    """transformers' greedy tokens for each greedy request (cut after EOS unless it ignores EOS); None if sampled."""
     from hybridpar.models.config import ModelConfig
     from hybridpar.models.default_checkpoint import resolve_model
     from hybridpar.models.verify import hf_reference
 
     path = resolve_model(None)
-    prompts, max_new, ignore_eos = _requests()
+    prompts, params = _requests()
     eos = set(ModelConfig.from_pretrained(path).eos_token_ids)
-    expected = []
-    for cont, n, ignore in zip(hf_reference(path, prompts, max(max_new)).continuations, max_new, ignore_eos):
-        cont = cont[:n]
+    conts = hf_reference(path, prompts, max(p.max_new_tokens for p in params)).continuations
+    expected: list[list[int] | None] = []
+    for cont, p in zip(conts, params):
+        cont = cont[:p.max_new_tokens]
         stop = next((i for i, t in enumerate(cont) if t in eos), None)
-        expected.append(cont if ignore or stop is None else cont[:stop + 1])
+        expected.append(None if not p.greedy else cont if p.ignore_eos or stop is None else cont[:stop + 1])
     return expected
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict[int, list[dict]]:
-    prompts, max_new, ignore_eos = _requests()
-    return {1: launch(workers.serving_scenarios, 1, prompts, max_new, ignore_eos, workload=WORKLOAD,
-                      backend="gloo", timeout=300),
-            2: launch(workers.serving_scenarios, 2, prompts, max_new, ignore_eos, backend="gloo", timeout=300)}
+    prompts, params = _requests()
+    return {1: launch(workers.serving_scenarios, 1, prompts, params, workload=WORKLOAD, backend="gloo", timeout=300),
+            2: launch(workers.serving_scenarios, 2, prompts, params, backend="gloo", timeout=300)}
 
 
 SCENARIOS = ["radix", "radix_page16", "no_cache", "fcfs", "chunked", "one_by_one", "pressure", "sequential",
@@ -278,11 +280,13 @@ SCENARIOS = ["radix", "radix_page16", "no_cache", "fcfs", "chunked", "one_by_one
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_greedy_outputs_equal_transformers_in_every_scenario(runs, reference, tp):
+def test_outputs_equal_transformers_and_generate_in_every_scenario(runs, reference, tp):
     per_rank = runs[tp]
+    generated = per_rank[0]["generate"]
+    assert [g for g, r in zip(generated, reference) if r is not None] == [r for r in reference if r is not None]
     assert sorted(per_rank[0]["outputs"]) == sorted(SCENARIOS)
-    for name in SCENARIOS:
-        assert per_rank[0]["outputs"][name] == reference, name
+    for name in SCENARIOS:  # greedy: token-identical to transformers; seeded sampling: to generate
+        assert per_rank[0]["outputs"][name] == generated, name
     for other in per_rank[1:]:  # every rank returns the same results
         assert other["outputs"] == per_rank[0]["outputs"]
 
@@ -317,6 +321,19 @@ def test_hit_rate_reaches_the_theoretical_maximum_under_lpm(runs):
     assert out["hit_rate"]["ordered"] == pytest.approx(best, abs=1e-12)
     assert out["hit_rate"]["shuffled"] == pytest.approx(best, abs=1e-12)
     assert out["hit_rate"]["shuffled_no_in_batch"] < best  # group mates prefilled together
+    assert out["notes"]["workload_matches_generate"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_on_nccl_matches_generate_and_keeps_the_pools_in_sync():
+    prompts, params = _requests()
+    ranks = launch(workers.serving_scenarios, 2, prompts, params, workload=WORKLOAD, backend="nccl", timeout=300)
+    out = ranks[0]
+    for name in SCENARIOS:
+        assert out["outputs"][name] == out["generate"], name
+        assert ranks[1]["digests"][name] == out["digests"][name], name
+    assert out["hit_rate"]["shuffled"] == pytest.approx(WORKLOAD.theoretical_hit_rate(page_size=16), abs=1e-12)
     assert out["notes"]["workload_matches_generate"]
 
 
