@@ -98,3 +98,21 @@ class ParallelConfig:
                 f"or token_parallel_size=1 to use DP."
             )
         return self
+
+    def check_world_size(self, world_size: int) -> ParallelConfig:
+        """Validate, then require ``world_size == tp * tknp * pp * dp`` exactly; return ``self``.
+
+        For entry points that run exactly one instance of the configuration (the CLI, torchrun
+        scripts). :func:`~hybridpar.distributed.parallel_state.compute_layout` is laxer: it
+        accepts a multiple and fills the rest with external data-parallel replicas.
+        """
+        self.validate()
+        if world_size != self.world_size:
+            raise ParallelConfigError(
+                f"world size {world_size} does not match tensor_parallel_size x token_parallel_size x "
+                f"pipeline_parallel_size x data_parallel_size = {self.tensor_parallel_size} x "
+                f"{self.token_parallel_size} x {self.pipeline_parallel_size} x {self.data_parallel_size} = "
+                f"{self.world_size}; start {self.world_size} ranks (torchrun --nproc-per-node {self.world_size}) "
+                f"or change the sizes so that their product is {world_size}."
+            )
+        return self

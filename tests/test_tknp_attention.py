@@ -1,8 +1,9 @@
 """Token parallelism end to end on gloo: TKNP 2, TKNP 4 and TP 2 x TKNP 2 against TP-only and transformers.
 
-One launch per layout; in it the roots serve two workloads with token parallelism (a batch of
-requests of different lengths, and requests joining and finishing mid-run), for two
-architectures (Qwen2 and Llama), then re-run them TP-only on a small cache. The parent checks
+One 4-rank launch runs the three layouts in turn (TKNP 2 as two external-DP replicas). In each,
+the roots serve two workloads with token parallelism (a batch of requests of different lengths,
+and requests joining and finishing mid-run), for two architectures (Qwen2 and Llama), then
+re-run them TP-only on a small cache (so some requests wait for a row). The parent checks
 tokens and logits against that reference, against the TP 1 run and against transformers, and
 checks the group layout, that workers hold no weights, and the memory accounting.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 
 import pytest
 import torch
@@ -18,37 +18,18 @@ import torch
 from hybridpar.distributed.launcher import launch
 from hybridpar.models.config import ModelConfig
 from hybridpar.models.default_checkpoint import resolve_model
-from hybridpar.models.sampling import SamplingParams
 from hybridpar.radix.mem_pool import kv_bytes_per_token
 from hybridpar.tknp.attention import AttentionGeometry
-from hybridpar.tknp.engine import Request
 from hybridpar.tknp.memory import decoder_param_bytes, plan_memory, shape_of
-from hybridpar.tknp.runner import Workload
-from tests.tknp_workers import serve_and_compare
+from hybridpar.tknp.verify import default_workloads, hf_logits
+from tests.tknp_workers import serve_layouts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODELS = ["qwen2-tiny", "llama-tiny"]
 MAX_SEQ_LEN = 48
 ATOL = 1e-4
-
-
-def _prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(0, 256) for _ in range(n)]
-
-
-def _workloads() -> list[Workload]:
-    rng = random.Random(7)
-    greedy = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    static = [Request(_prompt(rng, n), greedy) for n in (1, 3, 7, 12, 20)]
-    # (prompt length, arrival step, max_new_tokens): requests join while others decode, and leave early
-    shape = [(5, 0, 3), (9, 0, 7), (2, 1, 2), (15, 3, 5), (4, 4, 4), (8, 6, 3)]
-    joining = [Request(_prompt(rng, n), SamplingParams(max_new_tokens=m, ignore_eos=i != 1), a)
-               for i, (n, a, m) in enumerate(shape)]
-    return [Workload("static", static, return_logits=True), Workload("joining", joining, return_logits=True)]
-
-
-WORKLOADS = _workloads()
+WORKLOADS = default_workloads()
 
 
 @functools.cache
@@ -66,44 +47,44 @@ def _budget(name: str, tp: int) -> int:
     return decoder_param_bytes(_config(name), tp) + 2 * _row_bytes(name, tp) + _row_bytes(name, tp) // 2
 
 
-@functools.cache
-def _hf(name: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(resolve_model(name)), dtype=torch.float32).eval()
-
-
-def _hf_logits(name: str, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """transformers' logits at the positions where each of ``tokens`` was chosen."""
-    with torch.no_grad():
-        logits = _hf(name)(torch.tensor([prompt + tokens])).logits[0]
-    return logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)].float()
+WORLD = 4
+LAYOUTS = [(1, 4), (2, 2), (1, 2)]  # TKNP 2 runs as two replicas (external DP) of the 4-rank world
+IDS = ["tknp4", "tp2xtknp2", "tknp2"]
 
 
 @functools.cache
+def _launch() -> dict[tuple[int, int], list[dict]]:
+    budgets = {tp: {m: _budget(m, tp) for m in MODELS} for tp in {tp for tp, _ in LAYOUTS}}
+    per_rank = launch(serve_layouts, WORLD, LAYOUTS, MODELS, budgets, MAX_SEQ_LEN, WORKLOADS,
+                      backend="gloo", timeout=300)
+    return {layout: [r[layout] for r in per_rank] for layout in LAYOUTS}
+
+
 def _run(tp: int, tknp: int) -> list[dict]:
-    budgets = {m: _budget(m, tp) for m in MODELS}
-    return launch(serve_and_compare, tp * tknp, MODELS, tp, tknp, budgets, MAX_SEQ_LEN, WORKLOADS, 3,
-                  backend="gloo", timeout=240)
+    """Results of the first replica of the layout, by rank (the other replicas must agree)."""
+    results = _launch()[(tp, tknp)]
+    size = tp * tknp
+    for replica in range(1, WORLD // size):
+        for a, b in zip(results[:tp], results[replica * size: replica * size + tp]):
+            for model in MODELS:
+                for w in WORKLOADS:
+                    assert _same(a["models"][model]["outputs"][w.name], b["models"][model]["outputs"][w.name])
+    return results[:size]
 
 
-LAYOUTS = [(1, 2), (1, 4), (2, 2)]
-
-
-@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=["tknp2", "tknp4", "tp2xtknp2"])
+@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=IDS)
 def test_groups(tp, tknp):
-    results = _run(tp, tknp)
-    world = tp * tknp
-    for rank, r in enumerate(results):
-        g = r["groups"]
-        assert g["tknp"] == list(range(rank % tp, world, tp))  # same TP rank across TKNP indices
+    size = tp * tknp
+    for rank, r in enumerate(_launch()[(tp, tknp)]):
+        g, base, t = r["groups"], rank // size * size, rank % tp
+        assert g["tknp"] == [base + t + j * tp for j in range(tknp)]  # same TP rank across TKNP indices
         assert g["tp"] == list(range(rank // tp * tp, rank // tp * tp + tp))
         assert g["dp"] == [rank]  # DP groups have size 1 under TKNP
-        assert g["is_root"] == (rank < tp) and g["tknp_rank"] == rank // tp
+        assert g["is_root"] == (rank - base < tp) and g["tknp_rank"] == (rank - base) // tp
         assert g["initialized"] and g["layout_is"]
 
 
-@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=["tknp2", "tknp4", "tp2xtknp2"])
+@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=IDS)
 @pytest.mark.parametrize("model", MODELS)
 def test_tokens_and_logits_match_tp_only_tp1_and_transformers(tp, tknp, model):
     roots = [r["models"][model] for r in _run(tp, tknp)[:tp]]
@@ -115,11 +96,11 @@ def test_tokens_and_logits_match_tp_only_tp1_and_transformers(tp, tknp, model):
             for ref in (roots[0]["reference"][w.name][i], tp1[w.name][i]):
                 assert out["tokens"] == ref["tokens"], (w.name, i)
                 assert (out["logits"] - ref["logits"]).abs().max() <= ATOL
-            hf = _hf_logits(model, req.prompt_ids, out["tokens"])
+            hf = hf_logits(model, req.prompt_ids, out["tokens"])
             assert (out["logits"] - hf).abs().max() <= ATOL, (w.name, i)
             assert hf.argmax(-1).tolist() == out["tokens"], (w.name, i)
             assert len(out["tokens"]) == req.sampling.max_new_tokens or out["reason"] == "eos"
-    static = [o["tokens"] for o in roots[0]["outputs"]["static"]]
+    static = [o["tokens"] for o in roots[0]["outputs"][WORKLOADS[0].name]]
     assert roots[0]["generate"] == static  # the static-batch generate() agrees with the engine
     assert all(root["fallback_exact"] for root in roots)
 
@@ -128,7 +109,7 @@ def _same(a: list[dict], b: list[dict]) -> bool:
     return all(x["tokens"] == y["tokens"] and torch.equal(x["logits"], y["logits"]) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=["tknp2", "tknp4", "tp2xtknp2"])
+@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=IDS)
 def test_requests_spread_over_ranks_join_and_leave(tp, tknp):
     results = _run(tp, tknp)
     for model in MODELS:
@@ -145,7 +126,7 @@ def test_requests_spread_over_ranks_join_and_leave(tp, tknp):
             assert r["models"][model]["stats"]["steps"] == sum(len(root["history"][w.name]) for w in WORKLOADS)
 
 
-@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=["tknp2", "tknp4", "tp2xtknp2"])
+@pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=IDS)
 def test_workers_hold_no_weights_and_kv_adds_up(tp, tknp):
     results = _run(tp, tknp)
     for model in MODELS:

@@ -44,13 +44,14 @@ from hybridpar.tknp.memory import rank_kv_tokens
 from hybridpar.tknp.worker import AttentionWorker
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TknpSetup:
-    """How to build every rank (picklable: passed to ``launch``)."""
+    """How to build every rank (picklable: passed to ``launch``). Keyword arguments only."""
 
     model_name: str | None = None
     tensor_parallel_size: int = 1
     token_parallel_size: int = 1
+    data_parallel_size: int = 1  # independent TP replicas (only without TKNP)
     memory_budget_bytes: int | None = None  # per rank, weights + KV
     max_seq_len: int = 128
     max_requests_per_rank: int = 8  # cache rows per rank when there is no budget
@@ -109,15 +110,15 @@ def cache_rows(setup: TknpSetup, geometry: AttentionGeometry, param_bytes: int) 
 
 def ensure_groups(setup: TknpSetup) -> None:
     """Initialise TP x TKNP process groups for ``setup`` unless already initialised (checks they match)."""
+    sizes = dict(tensor_parallel_size=setup.tensor_parallel_size, token_parallel_size=setup.token_parallel_size,
+                 data_parallel_size=setup.data_parallel_size)
     if not model_parallel_is_initialized():
-        initialize_model_parallel(tensor_parallel_size=setup.tensor_parallel_size,
-                                  token_parallel_size=setup.token_parallel_size)
+        initialize_model_parallel(**sizes)
     layout = get_layout()
-    if (layout.tensor_parallel_size, layout.token_parallel_size) != (setup.tensor_parallel_size,
-                                                                    setup.token_parallel_size):
-        raise ValueError(f"process groups were initialised with tp={layout.tensor_parallel_size}, "
-                         f"tknp={layout.token_parallel_size} but the setup asks for tp={setup.tensor_parallel_size}, "
-                         f"tknp={setup.token_parallel_size}")
+    have = {name: getattr(layout, name) for name in sizes}
+    if have != sizes:
+        raise ValueError(f"process groups were initialised with {have} but the setup asks for {sizes}; "
+                         f"call destroy_model_parallel() first or build the setup with the same sizes")
 
 
 class TknpRoot:

@@ -1,0 +1,320 @@
+"""The token-parallel command line, and ``run_demo`` for notebooks.
+
+    python -m hybridpar.tknp.cli --tensor-parallel-size 1 --token-parallel-size 2 \\
+        --enable-token-parallel --model-name qwen2-tiny --force-cpu
+
+starts ``tp x tknp x dp`` ranks with ``hybridpar.launch``, serves the prompts with token
+parallelism and prints, per rank, the weights it holds and the KV cache it has, then each
+completion. ``torchrun --nproc-per-node N -m hybridpar.demos.tknp_demo <same flags>`` runs the
+same thing under torchrun. ``--compare-memory`` instead measures TP, DP and TKNP on the same
+number of ranks with the same per-rank memory budget.
+
+Flags (the seed's names): ``--tensor-parallel-size``, ``--token-parallel-size``,
+``--enable-token-parallel``, ``--data-parallel-size``, ``--model-name``, ``--force-cpu``.
+Invalid combinations -- token parallelism together with data parallelism,
+``--enable-token-parallel`` with a token-parallel size of 1, a world size that is not the
+product of the sizes, a TP size that does not divide the model's heads -- print the reason and
+exit with status 2, before any rank starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from hybridpar.config import ParallelConfig, ParallelConfigError
+from hybridpar.models.sampling import SamplingParams
+from hybridpar.tknp.engine import Request
+from hybridpar.tknp.memory import MemoryPlan, decoder_param_bytes, plan_memory, shape_of
+from hybridpar.tknp.runner import RankReport, TknpSetup, Workload, ensure_groups, serve
+
+DEFAULT_PROMPTS = (
+    "Token parallelism spreads attention over ranks.",
+    "The root rank holds the weights;",
+    "every other rank holds only KV cache.",
+    "Hi",
+)
+
+
+def build_parser(prog: str = "python -m hybridpar.tknp.cli") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Serve prompts with tensor x token parallelism.")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="TP ranks per model replica")
+    parser.add_argument("--token-parallel-size", type=int, default=1, help="ranks per token-parallel group")
+    parser.add_argument("--enable-token-parallel", action="store_true", default=None,
+                        help="turn token parallelism on (implied by --token-parallel-size > 1)")
+    parser.add_argument("--data-parallel-size", type=int, default=1,
+                        help="independent replicas (mutually exclusive with token parallelism)")
+    parser.add_argument("--model-name", default=None,
+                        help="built-in (qwen2-tiny, llama-tiny, ...), local checkpoint directory or hub id; "
+                             "default: the built-in qwen2-tiny")
+    parser.add_argument("--force-cpu", action="store_true", help="gloo on the CPU even when GPUs are present")
+    parser.add_argument("--prompt", action="append", dest="prompts", help="repeatable; default: a few demo prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--memory-budget-mb", type=float, default=None,
+                        help="per-rank memory for weights + KV cache (MB); default: a fixed number of cache rows")
+    parser.add_argument("--max-seq-len", type=int, default=256, help="tokens per KV-cache row")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--compare-memory", action="store_true",
+                        help="measure weights and KV capacity per rank for TP, DP and TKNP on the same ranks")
+    parser.add_argument("--json", action="store_true", help="also print one JSON line with the results")
+    return parser
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, token_parallel_size=args.token_parallel_size,
+                          data_parallel_size=args.data_parallel_size, enable_token_parallel=args.enable_token_parallel)
+
+
+def setup_from_args(args: argparse.Namespace) -> TknpSetup:
+    config = parallel_config(args)
+    budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 1e6)
+    return TknpSetup(model_name=args.model_name, tensor_parallel_size=config.tensor_parallel_size,
+                     token_parallel_size=config.token_parallel_size if config.token_parallel_enabled else 1,
+                     data_parallel_size=config.data_parallel_size, memory_budget_bytes=budget,
+                     max_seq_len=args.max_seq_len, dtype=args.dtype)
+
+
+def check_setup(setup: TknpSetup, world_size: int | None = None) -> None:
+    """Raise ``ParallelConfigError`` / ``ValueError`` naming the fix; runs before any rank starts."""
+    from hybridpar.models.config import ModelConfig, check_tp_size
+    from hybridpar.models.default_checkpoint import resolve_model
+    from hybridpar.models.model_wrapper import parse_dtype
+
+    config = ParallelConfig(tensor_parallel_size=setup.tensor_parallel_size,
+                            token_parallel_size=setup.token_parallel_size,
+                            data_parallel_size=setup.data_parallel_size).validate()
+    if world_size is not None:
+        config.check_world_size(world_size)
+    parse_dtype(setup.dtype)
+    if setup.max_seq_len < 2:
+        raise ValueError(f"--max-seq-len must be >= 2, got {setup.max_seq_len}")
+    check_tp_size(ModelConfig.from_pretrained(resolve_model(setup.model_name)), setup.tensor_parallel_size)
+
+
+def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
+               prog: str = "python -m hybridpar.tknp.cli") -> tuple[argparse.Namespace, TknpSetup]:
+    """Parse and validate; on invalid input print ``prog: error: <reason>`` and exit 2 (no traceback)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        config = parallel_config(args).validate()
+        if world_size is not None:
+            config.check_world_size(world_size)
+        setup = setup_from_args(args)
+        check_setup(setup)
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    except (ParallelConfigError, ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    return args, setup
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class DemoResult:
+    """What ``run_demo`` returns: the setup, one report per rank, the prompts and completions."""
+
+    setup: TknpSetup
+    reports: list[RankReport]
+    prompts: list[str]
+    completions: list[str]
+    placement: list[int]  # TKNP rank (or DP replica) that served each prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        ranks = [{"rank": r.rank, "role": r.role, "tp_rank": r.tp_rank, "tknp_rank": r.tknp_rank,
+                  "param_bytes": r.param_bytes, "parameter_objects": r.parameter_objects,
+                  "kv_tokens": r.capacity.num_tokens, "kv_bytes": r.capacity.kv_bytes,
+                  "worker_new_tokens": (r.worker_stats or {}).get("new_tokens")} for r in self.reports]
+        return {"tensor_parallel_size": self.setup.tensor_parallel_size,
+                "token_parallel_size": self.setup.token_parallel_size,
+                "data_parallel_size": self.setup.data_parallel_size, "ranks": ranks,
+                "completions": self.completions, "placement": self.placement}
+
+
+def _requests(token_ids: list[list[int]], max_new_tokens: int) -> list[Request]:
+    return [Request(ids, SamplingParams(max_new_tokens=max_new_tokens)) for ids in token_ids]
+
+
+def demo_rank(setup: TknpSetup, requests_per_replica: list[list[Request]]) -> RankReport:
+    """Every rank: serve this DP replica's share of the requests (all of them without DP)."""
+    from hybridpar.distributed.parallel_state import get_dp_group
+
+    ensure_groups(setup)
+    return serve(setup, [Workload("demo", requests_per_replica[get_dp_group().rank_in_group])])
+
+
+def _tokenizer(setup: TknpSetup) -> Any:
+    from transformers import AutoTokenizer
+
+    from hybridpar.models.default_checkpoint import resolve_model
+
+    return AutoTokenizer.from_pretrained(str(resolve_model(setup.model_name)), trust_remote_code=False)
+
+
+def split_for_replicas(items: Sequence[Any], replicas: int) -> list[list[Any]]:
+    """Round-robin share of each data-parallel replica."""
+    return [list(items[d::replicas]) for d in range(replicas)]
+
+
+def collect(setup: TknpSetup, reports: list[RankReport], prompts: list[str], tokenizer: Any) -> DemoResult:
+    """Put the completions of every replica back in prompt order."""
+    dp = setup.data_parallel_size
+    order = split_for_replicas(list(range(len(prompts))), dp)
+    completions, placement = [""] * len(prompts), [0] * len(prompts)
+    for d in range(dp):  # replica d's first rank is d * tp (DP and TKNP exclude each other)
+        for i, out in zip(order[d], reports[d * setup.tensor_parallel_size].outputs["demo"]):
+            completions[i] = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            placement[i] = out.tknp_rank if setup.token_parallel_size > 1 else d
+    return DemoResult(setup, reports, list(prompts), completions, placement)
+
+
+def run_demo(model_name: str | None = None, tensor_parallel_size: int = 1, token_parallel_size: int = 2,
+             enable_token_parallel: bool | None = None, data_parallel_size: int = 1,
+             prompts: Sequence[str] = DEFAULT_PROMPTS, max_new_tokens: int = 16,
+             memory_budget_bytes: int | None = None, max_seq_len: int = 256, dtype: str = "float32",
+             force_cpu: bool = False, timeout: float = 300.0) -> DemoResult:
+    """Serve ``prompts`` on ``tp x tknp x dp`` fresh ranks (``hybridpar.launch``); for notebooks.
+
+    Raises ``ParallelConfigError`` (a ``ValueError``) before starting anything on invalid sizes.
+    """
+    from hybridpar.distributed.launcher import launch
+
+    config = ParallelConfig(tensor_parallel_size=tensor_parallel_size, token_parallel_size=token_parallel_size,
+                            data_parallel_size=data_parallel_size,
+                            enable_token_parallel=enable_token_parallel).validate()
+    setup = TknpSetup(model_name=model_name, tensor_parallel_size=tensor_parallel_size,
+                      token_parallel_size=token_parallel_size if config.token_parallel_enabled else 1,
+                      data_parallel_size=data_parallel_size, memory_budget_bytes=memory_budget_bytes,
+                      max_seq_len=max_seq_len, dtype=dtype)
+    check_setup(setup)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = _tokenizer(setup)
+    ids = [list(tokenizer(p).input_ids) for p in prompts]
+    per_replica = split_for_replicas(_requests(ids, max_new_tokens), data_parallel_size)
+    world = config.world_size if config.token_parallel_enabled else tensor_parallel_size * data_parallel_size
+    reports = launch(demo_rank, world, setup, per_replica, backend="gloo" if force_cpu else "auto", timeout=timeout)
+    return collect(setup, reports, list(prompts), tokenizer)
+
+
+def format_reports(reports: Sequence[RankReport]) -> str:
+    """One row per rank: role, weights, KV cache (rows x tokens), work done."""
+    lines = [f"{'rank':>4} {'role':<9} {'tp':>2} {'tknp':>4} {'weights (B)':>12} {'nn.Params':>9} "
+             f"{'KV rows':>7} {'KV tokens':>9} {'KV bytes':>10} {'attended':>8}"]
+    for r in reports:
+        attended = "" if r.worker_stats is None else str(r.worker_stats["new_tokens"])
+        c = r.capacity
+        lines.append(f"{r.rank:>4} {r.role:<9} {r.tp_rank:>2} {r.tknp_rank:>4} {r.param_bytes:>12,} "
+                     f"{r.parameter_objects:>9} {c.num_slots:>7} {c.num_tokens:>9,} {c.kv_bytes:>10,} {attended:>8}")
+    return "\n".join(lines)
+
+
+def format_demo(result: DemoResult) -> str:
+    s = result.setup
+    head = (f"TP {s.tensor_parallel_size} x TKNP {s.token_parallel_size} x DP {s.data_parallel_size}, "
+            f"model {s.model_name or 'qwen2-tiny'}")
+    where = "tknp rank" if s.token_parallel_size > 1 else "replica"
+    body = [f"[{where} {r}] {p!r} -> {c!r}" for p, c, r in zip(result.prompts, result.completions, result.placement)]
+    return "\n".join([head, format_reports(result.reports), *body])
+
+
+@dataclass
+class MeasuredLayout:
+    """One layout of :func:`measure_memory`: its reports and the accounting it should match."""
+
+    label: str
+    setup: TknpSetup
+    reports: list[RankReport] | None = None
+    error: str | None = None
+
+    @property
+    def kv_tokens_total(self) -> int:
+        """Distinct tokens cached: per TP group (a token's KV owner), its smallest rank capacity, summed."""
+        tp = self.setup.tensor_parallel_size
+        caps = [r.capacity.num_tokens for r in self.reports or []]
+        return sum(min(caps[i:i + tp]) for i in range(0, len(caps), tp))
+
+    def predicted(self) -> MemoryPlan:
+        """What :func:`hybridpar.tknp.memory.plan_memory` claims for this layout."""
+        from hybridpar.models.config import ModelConfig
+        from hybridpar.models.default_checkpoint import resolve_model
+
+        s = self.setup
+        config = ModelConfig.from_pretrained(resolve_model(s.model_name))
+        size = torch.empty((), dtype=s.torch_dtype).element_size()
+        return plan_memory(shape_of(config), s.memory_budget_bytes or 0, tensor_parallel_size=s.tensor_parallel_size,
+                           token_parallel_size=s.token_parallel_size, data_parallel_size=s.data_parallel_size,
+                           bytes_per_param=size, bytes_per_elem=size, granularity=s.max_seq_len,
+                           param_bytes=decoder_param_bytes(config, s.tensor_parallel_size, size))
+
+
+def measure_memory(model_name: str | None = None, num_ranks: int = 2, memory_budget_bytes: int = 2_000_000,
+                   tknp_tensor_parallel_size: int = 1, max_seq_len: int = 64, force_cpu: bool = True,
+                   timeout: float = 300.0) -> list[MeasuredLayout]:
+    """Build (without serving) TP ``n``, DP ``n`` and TKNP on ``n`` ranks, all with the same per-rank
+    budget, and collect what every rank holds. A layout the model cannot take (TP ``n`` not dividing
+    the heads) gets ``error`` instead of reports."""
+    from hybridpar.distributed.launcher import launch
+
+    base = TknpSetup(model_name=model_name, memory_budget_bytes=memory_budget_bytes, max_seq_len=max_seq_len)
+    t = tknp_tensor_parallel_size
+    layouts = [MeasuredLayout(f"TP{num_ranks}", replace(base, tensor_parallel_size=num_ranks)),
+               MeasuredLayout(f"DP{num_ranks}", replace(base, data_parallel_size=num_ranks)),
+               MeasuredLayout(f"TP{t}xTKNP{num_ranks // t}" if t > 1 else f"TKNP{num_ranks}",
+                              replace(base, tensor_parallel_size=t, token_parallel_size=num_ranks // t))]
+    for layout in layouts:
+        try:
+            check_setup(layout.setup, num_ranks)
+        except (ParallelConfigError, ValueError) as exc:
+            layout.error = str(exc)
+            continue
+        empty = [[] for _ in range(layout.setup.data_parallel_size)]
+        layout.reports = launch(demo_rank, num_ranks, layout.setup, empty, backend="gloo" if force_cpu else "auto",
+                                timeout=timeout)
+    return layouts
+
+
+def format_memory(layouts: Sequence[MeasuredLayout]) -> str:
+    """Per-rank weights and KV capacity of each layout, then the distinct tokens each caches (measured
+    and as :mod:`hybridpar.tknp.memory` predicts)."""
+    lines = []
+    for layout in layouts:
+        lines.append(f"== {layout.label}")
+        lines.append(layout.error if layout.error else format_reports(layout.reports))
+    lines.append(f"{'layout':<12} {'weights, all ranks (B)':>22} {'distinct KV tokens':>18} {'predicted':>9}")
+    for layout in layouts:
+        if not layout.error:
+            weights = sum(r.param_bytes for r in layout.reports)
+            lines.append(f"{layout.label:<12} {weights:>22,} {layout.kv_tokens_total:>18,} "
+                         f"{layout.predicted().kv_tokens_total:>9,}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, setup = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.compare_memory:
+        world = parallel_config(args).world_size
+        budget = setup.memory_budget_bytes or 2_000_000
+        print(format_memory(measure_memory(setup.model_name, world, budget, setup.tensor_parallel_size,
+                                           setup.max_seq_len, args.force_cpu)))
+        return 0
+    result = run_demo(setup.model_name, setup.tensor_parallel_size, setup.token_parallel_size,
+                      args.enable_token_parallel, setup.data_parallel_size, args.prompts or DEFAULT_PROMPTS,
+                      args.max_new_tokens, setup.memory_budget_bytes, setup.max_seq_len, setup.dtype, args.force_cpu)
+    print(format_demo(result))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
