@@ -1,0 +1,94 @@
+"""Token-parallel configuration, layout and command line (the seed's flags)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hybridpar.config import ParallelConfig, ParallelConfigError
+from hybridpar.distributed.parallel_state import compute_layout
+from hybridpar.tknp.cli import main, parse_args, run_demo
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("tp,tknp", [(1, 2), (1, 4), (2, 2), (2, 4)])
+def test_layout_roots_form_the_tp_group(tp, tknp):
+    layout = compute_layout(tp * tknp, tensor_parallel_size=tp, token_parallel_size=tknp)
+    world = tp * tknp
+    assert layout.groups["tknp"] == [list(range(t, world, tp)) for t in range(tp)]
+    assert layout.groups["tp"] == [list(range(i, i + tp)) for i in range(0, world, tp)]
+    assert layout.groups["dp"] == [[r] for r in range(world)]
+    roots = [g[0] for g in layout.groups["tknp"]]
+    assert roots in layout.groups["tp"]  # the roots (TKNP index 0) are exactly one TP group
+    assert all(layout.coords(r)["tknp"] == r // tp and layout.coords(r)["tp"] == r % tp for r in range(world))
+
+
+@pytest.mark.parametrize(("kwargs", "world", "message"), [
+    (dict(token_parallel_size=2, data_parallel_size=2), None, "mutually exclusive"),
+    (dict(token_parallel_size=2, data_parallel_size=2, enable_token_parallel=True), None, "mutually exclusive"),
+    (dict(enable_token_parallel=True), None, "needs token_parallel_size >= 2"),
+    (dict(token_parallel_size=1, enable_token_parallel=True, tensor_parallel_size=2), None, "needs token_parallel"),
+    (dict(tensor_parallel_size=2, token_parallel_size=2), 8, "world size 8 does not match"),
+    (dict(tensor_parallel_size=2, token_parallel_size=2), 2, "start 4 ranks"),
+])
+def test_validation_errors(kwargs, world, message):
+    config = ParallelConfig(**kwargs)
+    with pytest.raises(ParallelConfigError, match=message):
+        config.check_world_size(world) if world else config.validate()
+
+
+def test_world_size_includes_the_tknp_dimension():
+    config = ParallelConfig(tensor_parallel_size=2, token_parallel_size=4, enable_token_parallel=True)
+    assert config.check_world_size(8).world_size == 8 and config.token_parallel_enabled
+
+
+@pytest.mark.parametrize(("argv", "world", "message"), [
+    (["--token-parallel-size", "2", "--data-parallel-size", "2"], None, "mutually exclusive"),
+    (["--enable-token-parallel"], None, "needs token_parallel_size >= 2"),
+    (["--token-parallel-size", "2"], 3, "world size 3 does not match"),
+    (["--tensor-parallel-size", "3", "--token-parallel-size", "2"], None, "valid tensor_parallel_size values"),
+    (["--token-parallel-size", "0"], None, "token_parallel_size must be >= 1"),
+    (["--token-parallel-size", "2", "--dtype", "fp8"], None, "dtype must be one of"),
+])
+def test_cli_rejects_invalid_combinations_with_exit_2(argv, world, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv + ["--force-cpu"], world_size=world)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_flags_map_to_the_setup():
+    args, setup = parse_args(["--tensor-parallel-size", "2", "--token-parallel-size", "2", "--enable-token-parallel",
+                              "--model-name", "llama-tiny", "--force-cpu", "--memory-budget-mb", "1.5"], world_size=4)
+    assert (setup.tensor_parallel_size, setup.token_parallel_size, setup.data_parallel_size) == (2, 2, 1)
+    assert setup.model_name == "llama-tiny" and setup.memory_budget_bytes == 1_500_000 and args.force_cpu
+
+
+def test_module_entry_point_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "hybridpar.tknp.cli", "--token-parallel-size", "2",
+                           "--data-parallel-size", "2", "--force-cpu"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert "mutually exclusive" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tknp2_demo_and_dp2_give_the_same_text(capsys):
+    """`python -m hybridpar.tknp.cli` on 2 gloo ranks: the worker holds no weights and attends; DP 2 on the
+    same prompts (two full replicas) produces the same completions."""
+    assert main(["--token-parallel-size", "2", "--enable-token-parallel", "--model-name", "qwen2-tiny",
+                 "--force-cpu", "--max-new-tokens", "4", "--max-seq-len", "64", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    result = json.loads(lines[-1])
+    assert lines[0].startswith("TP 1 x TKNP 2 x DP 1") and any("[tknp rank 1]" in line for line in lines)
+    root, worker = result["ranks"]
+    assert root["param_bytes"] > 0 and worker["param_bytes"] == 0 and worker["parameter_objects"] == 0
+    assert worker["worker_new_tokens"] > 0 and sorted(set(result["placement"])) == [0, 1]
+    dp = run_demo("qwen2-tiny", token_parallel_size=1, data_parallel_size=2, max_new_tokens=4, max_seq_len=64,
+                  force_cpu=True)
+    assert dp.completions == result["completions"] and dp.placement == [0, 1, 0, 1]
+    assert all(r.param_bytes == root["param_bytes"] for r in dp.reports)  # every DP replica holds all weights
