@@ -40,6 +40,7 @@ def serving_scenarios(prompts: list[list[int]], params: list[SamplingParams],
         out["outputs"][name] = outputs
         out["metrics"][name] = asdict(sched.metrics)
         out["digests"][name] = sched.pool_digest()
+        out["kv_heads_per_rank"] = sched.kv_pool.head_num
 
     def run(name: str, arrivals: list[int] | None = None, **overrides: Any) -> TPScheduler:
         sched = TPScheduler(wrapper, **overrides)

@@ -308,6 +308,7 @@ def test_scheduler_behaviour_under_each_configuration(runs, tp):
 
 def test_every_rank_ends_with_the_same_pool_state(runs):
     ranks = runs[2]
+    assert [r["kv_heads_per_rank"] for r in ranks] == [1, 1] and runs[1][0]["kv_heads_per_rank"] == 2  # own shard
     for name in SCENARIOS:
         digest = ranks[0]["digests"][name]
         assert digest["num_filled"] > 0 and len(digest["free_rows"]) == 64, name  # every row returned
