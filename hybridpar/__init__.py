@@ -56,6 +56,11 @@ _EXPORTS: dict[str, str] = {
     "valid_tp_sizes": "hybridpar.layers",
     "validate_tp_size": "hybridpar.layers",
     "ParallelConfigError": "hybridpar.config",
+    # RadixAttention serving
+    "TPScheduler": "hybridpar.radix.scheduler",
+    "ServerArgs": "hybridpar.radix.server_args",
+    "SharedPrefixWorkload": "hybridpar.radix.workload",
+    "TPRadixAttentionModelWrapper": "hybridpar.models.model_wrapper",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
