@@ -1,0 +1,594 @@
+"""The radix-tree explorer of chapter 5: a real :class:`~hybridpar.radix.RadixCache`, driven by text, drawn.
+
+Three layers, checked against each other in ``tests/test_radix_explorer.py``:
+
+* :class:`RadixSandbox` runs a :class:`RadixCache` over small real pools. A prompt is text, one
+  byte per token (the byte-level tokenizer of the built-in checkpoints does the same), and every
+  operation goes through the same calls the scheduler makes (:func:`~hybridpar.radix.start_req`,
+  :func:`~hybridpar.radix.alloc_for_extend`, ``cache_unfinished_req``, ``cache_finished_req``,
+  ``match_prefix``, ``evict``). :meth:`RadixSandbox.snapshot` reads the state back from the cache
+  and the pools (``RadixCache.to_dict()``, the allocator's free list, the request rows).
+* :func:`trace` applies a script of :class:`CacheOp` to a fresh sandbox and returns one
+  :class:`ExplorerFrame` per step (frame 0 is the empty cache).
+* :func:`frame_html` draws a frame: the tree as SVG (each node with its text, token count, lock
+  count and place in the LRU eviction order) and the pool as a strip of pages coloured by owner.
+  :func:`radix_explorer` shows precomputed frames behind a ``jslink``-ed slider (works in the
+  static book); :func:`radix_playground` runs the operations live in Python callbacks (needs a
+  kernel).
+
+The five operations (:class:`CacheOp`):
+
+``insert``  a request arrives, is prefilled and finishes: its cached prefix is reused, the rest
+            gets fresh pages (evicting least recently used leaves if the pool is short), and
+            ``cache_finished_req`` hands its whole pages to the tree;
+``match``   ``match_prefix``: the longest cached prefix in whole pages (may split a node; refreshes
+            the LRU time of the path);
+``lock``    a request ``name`` is admitted and prefilled but keeps running: its prompt goes into the
+            tree at once (``cache_unfinished_req``), locked, so nothing it needs can be evicted; the
+            partial last page stays the request's own;
+``unlock``  the running request ``name`` finishes (``cache_finished_req``): its lock is released;
+``evict``   ``evict(num_tokens)``: free unlocked leaves, least recently used first.
+
+ipywidgets is imported inside the widget functions, so importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hybridpar.radix.allocation import alloc_for_extend, start_req
+from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
+from hybridpar.radix.radix_cache import RadixCache
+from hybridpar.radix.request import Req
+from hybridpar.viz.colors import TEXT_COLOR
+
+if TYPE_CHECKING:
+    import ipywidgets
+
+OP_KINDS = ("insert", "match", "lock", "unlock", "evict")
+
+# Owner colours (pale, dark text stays readable): locked tree node, evictable leaf, unlocked inner
+# node, a running request's own page, free page.
+LOCKED_COLOR = "#ffbb78"
+EVICTABLE_COLOR = "#aec7e8"
+INNER_COLOR = "#dbdb8d"
+REQUEST_COLOR = "#c5b0d5"
+FREE_COLOR = "#f4f4f4"
+HIGHLIGHT_COLORS = {"matched": "#2ca02c", "new": "#1f77b4", "split": "#9467bd"}
+
+
+@dataclass(frozen=True)
+class CacheOp:
+    """One step of a script: ``kind`` in :data:`OP_KINDS`; ``text`` for insert/match/lock, ``name`` for
+    lock/unlock, ``num_tokens`` for evict. Build them with :func:`insert`, :func:`match`, ... ."""
+
+    kind: str
+    text: str = ""
+    name: str = ""
+    num_tokens: int = 0
+
+    def label(self) -> str:
+        if self.kind == "evict":
+            return f"evict {self.num_tokens} tokens"
+        if self.kind == "unlock":
+            return f"unlock {self.name} (the request finishes)"
+        who = f" {self.name}" if self.kind == "lock" else ""
+        return f"{self.kind}{who} {self.text!r}"
+
+
+def insert(text: str) -> CacheOp:
+    return CacheOp("insert", text=text)
+
+
+def match(text: str) -> CacheOp:
+    return CacheOp("match", text=text)
+
+
+def lock(name: str, text: str) -> CacheOp:
+    return CacheOp("lock", text=text, name=name)
+
+
+def unlock(name: str) -> CacheOp:
+    return CacheOp("unlock", name=name)
+
+
+def evict(num_tokens: int) -> CacheOp:
+    return CacheOp("evict", num_tokens=num_tokens)
+
+
+@dataclass(frozen=True)
+class PageState:
+    """One allocatable page: ``owner`` is ``"free"``, ``"tree"`` (node ``node_id``, ``locked`` or not)
+    or ``"request"`` (the running request ``request``)."""
+
+    page: int
+    owner: str
+    node_id: int | None = None
+    locked: bool = False
+    request: str | None = None
+
+
+@dataclass(frozen=True)
+class ExplorerFrame:
+    """The cache after one step of a script.
+
+    ``tree``: ``RadixCache.to_dict()``; ``pages``: every allocatable page in order; token counters
+    as the cache and the allocator report them; ``lru_order``: unlocked leaves, next to be evicted
+    first; ``highlight``: node id -> ``"matched"`` / ``"new"`` / ``"split"`` for this step;
+    ``evicted``: ids of the nodes this step freed; ``running``: request name -> id of its locked node.
+    """
+
+    step: int
+    label: str
+    result: str
+    page_size: int
+    tree: dict[str, Any]
+    pages: list[PageState]
+    free_tokens: int
+    evictable_tokens: int
+    protected_tokens: int
+    request_tokens: int
+    lru_order: list[int]
+    highlight: dict[int, str] = field(default_factory=dict)
+    evicted: list[int] = field(default_factory=list)
+    running: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pool_tokens(self) -> int:
+        return len(self.pages) * self.page_size
+
+
+def text_tokens(text: str) -> list[int]:
+    """One token per UTF-8 byte (ids 0..255), as the built-in checkpoints' byte-level tokenizer."""
+    return list(text.encode("utf-8"))
+
+
+def tokens_text(tokens: Sequence[int]) -> str:
+    """Inverse of :func:`text_tokens` for display (undecodable bytes become U+FFFD)."""
+    return bytes(t for t in tokens if 0 <= t < 256).decode("utf-8", errors="replace")
+
+
+class _TracingCache(RadixCache):
+    """A RadixCache that remembers which nodes its evictions removed (for the frame's ``evicted``)."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.evicted_ids: list[int] = []
+
+    def evict(self, num_tokens: int) -> int:
+        before = {n.id for n in self.nodes()}
+        freed = super().evict(num_tokens)
+        self.evicted_ids.extend(sorted(before - {n.id for n in self.nodes()}))
+        return freed
+
+
+class RadixSandbox:
+    """A :class:`RadixCache` over a pool of ``pool_tokens`` slots in pages of ``page_size``, driven by text.
+
+    ``max_requests`` rows of the request-to-token table bound the running (locked) requests.
+    Every method returns a one-line description of what happened; :meth:`snapshot` returns the state.
+    """
+
+    def __init__(self, pool_tokens: int = 64, page_size: int = 4, max_requests: int = 8) -> None:
+        self.page_size = page_size
+        self.allocator = TokenToKVPoolAllocator(pool_tokens, page_size)
+        self.rows = ReqToTokenPool(max_requests, self.allocator.size)
+        self.cache = _TracingCache(self.rows, self.allocator)
+        self.running: dict[str, Req] = {}
+        self._rid = 0
+
+    # ------------------------------------------------------------------ operations
+    def apply(self, op: CacheOp) -> str:
+        """Run one :class:`CacheOp`; bad input raises ValueError before anything changes."""
+        if op.kind not in OP_KINDS:
+            raise ValueError(f"unknown operation {op.kind!r}; choose one of {OP_KINDS}")
+        if op.kind == "evict":
+            return self.evict(op.num_tokens)
+        if op.kind == "unlock":
+            return self.unlock(op.name)
+        if op.kind == "match":
+            return self.match(op.text)
+        if op.kind == "insert":
+            return self.insert(op.text)
+        return self.lock(op.name, op.text)
+
+    def _check_text(self, text: str) -> list[int]:
+        tokens = text_tokens(text)
+        if not tokens:
+            raise ValueError("the prompt is empty; type at least one character")
+        if len(tokens) > self.rows.max_context_len:
+            raise ValueError(f"the prompt has {len(tokens)} tokens but the pool holds {self.allocator.size}; "
+                             f"shorten it or build the sandbox with a larger pool_tokens")
+        return tokens
+
+    def _prefill(self, tokens: list[int]) -> tuple[Req | None, int, str]:
+        """Admit a request for ``tokens`` and give all of them KV slots; (req or None, cached tokens, note)."""
+        self._rid += 1
+        req = Req(f"r{self._rid}", tokens)
+        if not start_req(self.cache, req):
+            return None, 0, "no free request row (too many running requests)"
+        hit = req.kv_len
+        freed_before = len(self.cache.evicted_ids)
+        if alloc_for_extend(self.cache, [req], [len(tokens) - req.kv_len]) is None:
+            self.cache.dec_lock_ref(req.last_node)  # undo start_req: nothing else changed
+            self.rows.free(req.req_pool_idx)
+            return None, hit, "does not fit: every page is locked or in use"
+        evicted = self.cache.evicted_ids[freed_before:]
+        note = f"; evicted node(s) {', '.join(f'#{i}' for i in evicted)} to make room" if evicted else ""
+        return req, hit, note
+
+    def insert(self, text: str) -> str:
+        tokens = self._check_text(text)
+        req, hit, note = self._prefill(tokens)
+        if req is None:
+            return f"not inserted: {note}"
+        self.cache.cache_finished_req(req)
+        cached = len(tokens) // self.page_size * self.page_size
+        tail = len(tokens) - cached
+        return (f"reused {hit} cached tokens, computed {len(tokens) - hit}{note}; the tree keeps {cached} tokens"
+                + (f" ({tail} on a partial page freed)" if tail else ""))
+
+    def match(self, text: str) -> str:
+        tokens = self._check_text(text)
+        result = self.cache.match_prefix(tokens)
+        return f"longest cached prefix: {result.prefix_len} of {len(tokens)} tokens, ending at node #{result.last_node.id}" \
+            if result.prefix_len else f"no cached prefix (0 of {len(tokens)} tokens)"
+
+    def lock(self, name: str, text: str) -> str:
+        if not name:
+            raise ValueError("a running request needs a name, e.g. 'r1'")
+        if name in self.running:
+            raise ValueError(f"request {name!r} is already running; unlock it first or pick another name")
+        tokens = self._check_text(text)
+        req, hit, note = self._prefill(tokens)
+        if req is None:
+            return f"{name} not admitted: {note}"
+        self.cache.cache_unfinished_req(req)
+        self.running[name] = req
+        return (f"{name} reused {hit} cached tokens, computed {len(tokens) - hit}{note}; its prompt is in the tree, "
+                f"locked at node #{req.last_node.id}")
+
+    def unlock(self, name: str) -> str:
+        if name not in self.running:
+            raise ValueError(f"no running request {name!r}; running: {sorted(self.running) or 'none'}")
+        req = self.running.pop(name)
+        node = req.last_node.id
+        self.cache.cache_finished_req(req)
+        return f"{name} finished: its lock on node #{node} and its ancestors is released"
+
+    def evict(self, num_tokens: int) -> str:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"evict needs a number of tokens >= 1, got {num_tokens!r}")
+        freed_before = len(self.cache.evicted_ids)
+        freed = self.cache.evict(num_tokens)
+        ids = self.cache.evicted_ids[freed_before:]
+        if not ids:
+            return "nothing to evict: every cached node is locked (or the tree is empty)"
+        return f"freed {freed} tokens: node(s) {', '.join(f'#{i}' for i in ids)}"
+
+    # ------------------------------------------------------------------ state
+    def check(self) -> None:
+        """The cache's own integrity check, with every running request (raises IntegrityError)."""
+        self.cache.check_integrity(list(self.running.values()))
+
+    def snapshot(self, step: int = 0, label: str = "", result: str = "",
+                 highlight: dict[int, str] | None = None, evicted: Sequence[int] = ()) -> ExplorerFrame:
+        """The current state as an :class:`ExplorerFrame`, read from the cache and the pools."""
+        ps = self.page_size
+        owner: dict[int, PageState] = {}
+        for node in self.cache.nodes():
+            for slot in node.value.tolist()[::ps]:
+                owner[slot // ps] = PageState(slot // ps, "tree", node.id, node.lock_ref > 0)
+        for name, req in self.running.items():
+            row = self.rows.req_to_token[req.req_pool_idx, req.cache_protected_len:req.kv_len].tolist()
+            for pos, slot in enumerate(row, start=req.cache_protected_len):
+                if pos % ps == 0:
+                    owner[slot // ps] = PageState(slot // ps, "request", request=name)
+        pages = [owner.get(p, PageState(p, "free")) for p in range(1, self.allocator.num_pages + 1)]
+        tree = self.cache.to_dict()
+        lru = sorted(((n["evict_rank"], n["id"]) for n in _walk(tree["root"]) if n["evict_rank"] is not None))
+        return ExplorerFrame(
+            step=step, label=label, result=result, page_size=ps, tree=tree, pages=pages,
+            free_tokens=self.allocator.available_size(), evictable_tokens=self.cache.evictable_size(),
+            protected_tokens=self.cache.protected_size(),
+            request_tokens=sum(p.owner == "request" for p in pages) * ps,
+            lru_order=[i for _, i in lru], highlight=dict(highlight or {}), evicted=list(evicted),
+            running={name: req.last_node.id for name, req in self.running.items()},
+        )
+
+    def step(self, op: CacheOp, step: int = 0) -> ExplorerFrame:
+        """Apply ``op`` and return the frame after it, with the nodes it touched highlighted."""
+        before = {n.id for n in self.cache.nodes()}
+        evicted_before = len(self.cache.evicted_ids)
+        result = self.apply(op)
+        highlight: dict[int, str] = {}
+        if op.kind in ("insert", "match", "lock"):
+            for node in self.cache.nodes():
+                if node.id not in before:  # the upper half of a split (its lower half is older), or a new leaf
+                    split = any(c.id in before for c in node.children.values())
+                    highlight[node.id] = "split" if split else "new"
+            for node in _path_nodes(self.cache, text_tokens(op.text)):
+                highlight.setdefault(node.id, "matched")
+        return self.snapshot(step, op.label(), result, highlight, self.cache.evicted_ids[evicted_before:])
+
+
+def _path_nodes(cache: RadixCache, tokens: list[int]) -> list[Any]:
+    """Nodes on the cached path of ``tokens`` (read-only: no split, no LRU update)."""
+    node, pos, out = cache.root_node, 0, []
+    while pos < len(tokens):
+        child = node.children.get(cache.child_key(tuple(tokens[pos:])))
+        if child is None or tuple(tokens[pos:pos + len(child.key)]) != child.key:
+            break
+        out.append(child)
+        pos += len(child.key)
+        node = child
+    return out
+
+
+def _walk(node: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every node dict below ``node`` (excluded), parents first."""
+    out = []
+    for child in node["children"]:
+        out.append(child)
+        out.extend(_walk(child))
+    return out
+
+
+def trace(ops: Sequence[CacheOp], pool_tokens: int = 64, page_size: int = 4, max_requests: int = 8,
+          check: bool = True) -> list[ExplorerFrame]:
+    """Frames of a script: frame 0 is the empty cache, frame ``k`` the state after ``ops[k - 1]``.
+
+    With ``check`` the cache's integrity check runs after every step (with the running requests).
+    """
+    bad = [op.kind for op in ops if op.kind not in OP_KINDS]
+    if bad:
+        raise ValueError(f"unknown operation(s) {bad}; choose from {OP_KINDS}")
+    box = RadixSandbox(pool_tokens, page_size, max_requests)
+    frames = [box.snapshot(0, "empty cache", f"{box.allocator.num_pages} free pages of {page_size} tokens")]
+    for k, op in enumerate(ops, start=1):
+        frames.append(box.step(op, k))
+        if check:
+            box.check()
+    return frames
+
+
+# A scripted walk through every operation, sized so that it fills the default pool (16 pages of 4).
+SYS_A = "SYS: be terse|"
+SYS_B = "SYS: be kind|"
+DEFAULT_SCRIPT: tuple[CacheOp, ...] = (
+    insert(SYS_A + "Q: sky color?"),
+    insert(SYS_A + "Q: sea color?"),
+    match(SYS_A + "Q: snow?"),
+    lock("r1", SYS_A + "Q: sun color?"),
+    lock("r2", SYS_B + "Q: hi!"),
+    insert(SYS_B + "Q: how are you?"),
+    evict(8),
+    unlock("r1"),
+    match(SYS_A + "Q: sky color?"),
+    evict(64),
+    unlock("r2"),
+)
+
+
+# ---------------------------------------------------------------------------- drawing
+NODE_W, NODE_H, GAP_X, GAP_Y, MARGIN = 128, 56, 12, 30, 8
+
+
+@dataclass(frozen=True)
+class NodeBox:
+    """Where a node is drawn (top-left corner) and what it says."""
+
+    id: int
+    x: float
+    y: float
+    depth: int
+    data: dict[str, Any]
+
+
+def layout_tree(tree: dict[str, Any]) -> tuple[list[NodeBox], list[tuple[int, int]], float, float]:
+    """Tidy layered layout: leaves side by side in key order, parents centred over their children.
+
+    Returns the boxes (root first), the edges ``(parent id, child id)``, the width and the height.
+    """
+    boxes: list[NodeBox] = []
+    edges: list[tuple[int, int]] = []
+    next_x = [MARGIN]
+
+    def place(node: dict[str, Any], depth: int) -> float:
+        if node["children"]:
+            centres = [place(c, depth + 1) for c in node["children"]]
+            edges.extend((node["id"], c["id"]) for c in node["children"])
+            centre = (centres[0] + centres[-1]) / 2
+        else:
+            centre = next_x[0] + NODE_W / 2
+            next_x[0] += NODE_W + GAP_X
+        boxes.append(NodeBox(node["id"], centre - NODE_W / 2, MARGIN + depth * (NODE_H + GAP_Y), depth, node))
+        return centre
+
+    place(tree["root"], 0)
+    boxes.sort(key=lambda b: (b.depth, b.x))
+    width = max(next_x[0] - GAP_X + MARGIN, NODE_W + 2 * MARGIN)
+    height = MARGIN * 2 + (max(b.depth for b in boxes) + 1) * (NODE_H + GAP_Y) - GAP_Y
+    return boxes, edges, width, height
+
+
+def node_color(node: dict[str, Any]) -> str:
+    if node["lock_ref"] > 0:
+        return LOCKED_COLOR
+    return EVICTABLE_COLOR if node["evict_rank"] is not None else INNER_COLOR
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'tsnrhtdd'[(n // 10 % 10 != 1) * (n % 10 < 4) * n % 10::4]}"
+
+
+def node_lines(node: dict[str, Any], is_root: bool = False, max_chars: int = 15) -> list[str]:
+    """The three lines of text in a node's box: its tokens, count and lock, LRU time and eviction rank."""
+    if is_root:
+        return ["root", "always locked", f"clock {node['last_access_time']}"]
+    text = tokens_text(node["tokens"]).replace("\n", "⏎")
+    if len(text) > max_chars:
+        text = text[: max_chars - 1] + "…"
+    if node["lock_ref"]:
+        state = "locked"
+    elif node["evict_rank"] is not None:
+        state = f"evict {_ordinal(node['evict_rank'] + 1)}"
+    else:
+        state = "inner"
+    return [f"#{node['id']} “{text}”", f"{node['num_tokens']} tok · lock {node['lock_ref']}",
+            f"t={node['last_access_time']} · {state}"]
+
+
+def tree_svg(frame: ExplorerFrame) -> str:
+    """The tree of ``frame`` as an inline SVG (white background: readable in both themes)."""
+    boxes, edges, width, height = layout_tree(frame.tree)
+    at = {b.id: b for b in boxes}
+    root_id = frame.tree["root"]["id"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+             f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="11" role="img">',
+             f'<rect width="100%" height="100%" fill="white"/>']
+    for parent, child in edges:
+        p, c = at[parent], at[child]
+        parts.append(f'<line x1="{p.x + NODE_W / 2:.1f}" y1="{p.y + NODE_H:.1f}" x2="{c.x + NODE_W / 2:.1f}" '
+                     f'y2="{c.y:.1f}" stroke="#888" stroke-width="1.5"/>')
+    for b in boxes:
+        is_root = b.id == root_id
+        fill = "#ffffff" if is_root else node_color(b.data)
+        mark = frame.highlight.get(b.id)
+        stroke, sw = (HIGHLIGHT_COLORS[mark], 3.5) if mark else ("#555", 1)
+        title = "root" if is_root else html.escape(tokens_text(b.data["tokens"]))
+        parts.append(f'<g class="radix-node" data-node="{b.id}"><title>{title}</title>'
+                     f'<rect x="{b.x:.1f}" y="{b.y:.1f}" width="{NODE_W}" height="{NODE_H}" rx="6" fill="{fill}" '
+                     f'stroke="{stroke}" stroke-width="{sw}"/>')
+        for i, line in enumerate(node_lines(b.data, is_root)):
+            weight = ' font-weight="bold"' if i == 0 else ""
+            parts.append(f'<text x="{b.x + 6:.1f}" y="{b.y + 16 + 15 * i:.1f}" fill="{TEXT_COLOR}"{weight}>'
+                         f'{html.escape(line)}</text>')
+        parts.append("</g>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def page_color(page: PageState) -> str:
+    if page.owner == "free":
+        return FREE_COLOR
+    if page.owner == "request":
+        return REQUEST_COLOR
+    return LOCKED_COLOR if page.locked else EVICTABLE_COLOR
+
+
+def pool_svg(frame: ExplorerFrame, cell: int = 34) -> str:
+    """The pool as a strip of pages: each cell is one page, labelled with its owner (node id or request)."""
+    n = len(frame.pages)
+    width, height = n * cell + 2 * MARGIN, cell + 30
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} '
+             f'{height}" font-family="sans-serif" font-size="10" role="img">',
+             '<rect width="100%" height="100%" fill="white"/>']
+    for i, page in enumerate(frame.pages):
+        x = MARGIN + i * cell
+        label = {"free": "", "tree": f"#{page.node_id}", "request": page.request or ""}[page.owner]
+        parts.append(f'<rect class="pool-page" data-owner="{page.owner}" x="{x}" y="{MARGIN}" width="{cell - 2}" '
+                     f'height="{cell - 2}" fill="{page_color(page)}" stroke="#999"/>'
+                     f'<text x="{x + (cell - 2) / 2}" y="{MARGIN + cell / 2 + 1}" text-anchor="middle" '
+                     f'fill="{TEXT_COLOR}">{html.escape(label)}</text>'
+                     f'<text x="{x + (cell - 2) / 2}" y="{MARGIN + cell + 12}" text-anchor="middle" '
+                     f'fill="#666" font-size="8">{page.page}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _swatch(color: str, text: str) -> str:
+    return (f'<span style="display:inline-block;width:0.9em;height:0.9em;background:{color};border:1px solid #999;'
+            f'vertical-align:middle;margin:0 0.3em 0 0.8em"></span>{html.escape(text)}')
+
+
+def frame_html(frame: ExplorerFrame, total_steps: int | None = None) -> str:
+    """One frame: the step and its result, the tree, the pool strip, the counters and the LRU order."""
+    of = f" of {total_steps}" if total_steps is not None else ""
+    pages_in = {o: sum(p.owner == o for p in frame.pages) for o in ("free", "tree", "request")}
+    lru = " → ".join(f"#{i}" for i in frame.lru_order) or "(nothing evictable)"
+    running = ", ".join(f"{n} at #{i}" for n, i in frame.running.items()) or "none"
+    legend = (_swatch(LOCKED_COLOR, "locked") + _swatch(EVICTABLE_COLOR, "evictable leaf")
+              + _swatch(INNER_COLOR, "unlocked inner node") + _swatch(REQUEST_COLOR, "request's own page")
+              + _swatch(FREE_COLOR, "free page"))
+    marks = "".join(f'<span style="color:{c};font-weight:bold;margin-left:0.8em">▢ {k}</span>'
+                    for k, c in HIGHLIGHT_COLORS.items())
+    counters = (f"free {frame.free_tokens} · cached {frame.evictable_tokens + frame.protected_tokens} "
+                f"(evictable {frame.evictable_tokens}, locked {frame.protected_tokens}) · requests' own "
+                f"{frame.request_tokens} · pool {frame.pool_tokens} tokens "
+                f"({pages_in['free']} free / {pages_in['tree']} cached / {pages_in['request']} request pages)")
+    return (f'<div class="hybridpar-radix" style="color:{TEXT_COLOR};background:white;padding:0.4em;'
+            f'border:1px solid #ddd;border-radius:4px">'
+            f'<div><b>step {frame.step}{of}: {html.escape(frame.label)}</b></div>'
+            f'<div style="margin-bottom:0.3em">{html.escape(frame.result)}</div>'
+            f'<div style="overflow-x:auto">{tree_svg(frame)}</div>'
+            f'<div style="font-size:0.85em">{legend}{marks}<br>t: last access on the cache\'s logical clock; '
+            f'evict k-th: place in the LRU eviction order (unlocked leaves only)</div>'
+            f'<div style="margin-top:0.3em"><b>KV pool</b> (page size {frame.page_size}; page 0 reserved)</div>'
+            f'<div style="overflow-x:auto">{pool_svg(frame)}</div>'
+            f'<div style="font-size:0.9em">{html.escape(counters)}<br>'
+            f'LRU eviction order: {html.escape(lru)}<br>running requests: {html.escape(running)}</div></div>')
+
+
+# ---------------------------------------------------------------------------- widgets
+def radix_explorer(ops: Sequence[CacheOp] = DEFAULT_SCRIPT, pool_tokens: int = 64, page_size: int = 4,
+                   max_requests: int = 8) -> ipywidgets.VBox:
+    """Every step of ``ops`` drawn in advance; a play button and a slider ``jslink``-ed to a ``Stack``
+    pick the frame, so it works in the static book with no kernel."""
+    import ipywidgets as widgets
+
+    frames = trace(ops, pool_tokens, page_size, max_requests)
+    last = len(frames) - 1
+    stack = widgets.Stack([widgets.HTML(frame_html(f, last)) for f in frames], selected_index=0)
+    slider = widgets.IntSlider(value=0, min=0, max=last, description="step", continuous_update=True,
+                               style={"description_width": "initial"})
+    play = widgets.Play(value=0, min=0, max=last, interval=1500, description="play")
+    widgets.jslink((play, "value"), (slider, "value"))
+    widgets.jslink((slider, "value"), (stack, "selected_index"))
+    return widgets.VBox([widgets.HBox([play, slider]), stack])
+
+
+def radix_playground(pool_tokens: int = 64, page_size: int = 4, max_requests: int = 8,
+                     ops: Sequence[CacheOp] = ()) -> ipywidgets.VBox:
+    """Type a prompt and press a button: the operation runs on a live :class:`RadixSandbox` and the
+    view redraws (Python callbacks: needs a kernel; in the static book it shows its initial state).
+    ``ops`` are applied first."""
+    import ipywidgets as widgets
+
+    box = RadixSandbox(pool_tokens, page_size, max_requests)
+    history: list[str] = []
+    for op in ops:
+        box.apply(op)
+        history.append(op.label())
+    text_w = widgets.Text(value=SYS_A + "Q: ", description="prompt", layout=widgets.Layout(width="28em"))
+    name_w = widgets.Text(value="r1", description="request", layout=widgets.Layout(width="12em"))
+    evict_w = widgets.BoundedIntText(value=page_size, min=1, max=pool_tokens, description="tokens",
+                                     layout=widgets.Layout(width="12em"))
+    buttons = {kind: widgets.Button(description=kind, tooltip=kind) for kind in (*OP_KINDS, "reset")}
+    out = widgets.HTML()
+
+    def show(frame: ExplorerFrame) -> None:
+        out.value = frame_html(frame) + (f'<div style="font-size:0.8em">history: {html.escape(" · ".join(history))}'
+                                         f'</div>' if history else "")
+
+    def run(kind: str) -> None:
+        nonlocal box
+        if kind == "reset":
+            box, history[:] = RadixSandbox(pool_tokens, page_size, max_requests), []
+            show(box.snapshot(0, "empty cache"))
+            return
+        op = CacheOp(kind, text=text_w.value, name=name_w.value, num_tokens=evict_w.value)
+        try:
+            frame = box.step(op, len(history) + 1)
+        except ValueError as err:
+            out.value = f"<p><b>Not possible:</b> {html.escape(str(err))}</p>" + out.value
+            return
+        history.append(op.label())
+        show(frame)
+
+    for kind, button in buttons.items():
+        button.on_click(lambda _b, kind=kind: run(kind))
+    show(box.snapshot(len(history), history[-1] if history else "empty cache"))
+    return widgets.VBox([widgets.HBox([text_w, name_w, evict_w]), widgets.HBox(list(buttons.values())), out])
