@@ -170,6 +170,24 @@ def test_chunked_prefill_shares_chunks_with_other_requests():
     assert cache.evict(cache.evictable_size()) == 16 and alloc.available_size() == alloc.size
 
 
+def test_unfinished_hook_repoints_duplicate_chunks_at_the_tree():
+    ps = 4
+    cache = make_cache(page_size=ps, num_pages=16)
+    alloc = cache.token_to_kv_pool_allocator
+    a, b = Req("a", list(range(12))), Req("b", list(range(12)))
+    assert start_req(cache, a) and start_req(cache, b)
+    alloc_for_extend(cache, [a, b], [9, 9])  # both compute the same first chunk
+    cache.cache_unfinished_req(a)
+    free_before = alloc.available_size()
+    cache.cache_unfinished_req(b)  # b's two full pages duplicate a's: freed, b's row now uses a's slots
+    assert alloc.available_size() == free_before + 2 * ps
+    rows = cache.req_to_token_pool.req_to_token
+    assert rows[b.req_pool_idx, :8].tolist() == rows[a.req_pool_idx, :8].tolist()
+    assert rows[b.req_pool_idx, 8] != rows[a.req_pool_idx, 8]  # the open page stays b's own
+    assert a.last_node is b.last_node and a.last_node.lock_ref == 2
+    cache.check_integrity([a, b])
+
+
 def test_at_least_one_token_is_recomputed():
     for ps, prompt_len, expected in [(1, 8, 7), (4, 8, 4), (4, 9, 8), (1, 1, 0)]:
         cache = make_cache(page_size=ps)
@@ -273,12 +291,12 @@ def test_integrity_check_catches_planted_corruption(plant, message):
 
 
 # ------------------------------------------------- state machine vs. a reference
-BASES = [[0, 1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 1, 0], [0, 1, 0, 1, 0, 0, 1, 1, 0, 1, 1, 0, 1, 0, 0, 1], [1, 1, 0, 0, 1, 0, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1]]
+BASES = [[0, 1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 1, 0], [0, 1, 0, 1, 0, 0, 1, 1, 0, 1, 1, 0, 1, 0, 0, 1]]
 sequences = st.builds(
     lambda base, n, suffix: BASES[base][:n] + suffix,
     st.integers(0, len(BASES) - 1),
     st.integers(0, 16),
-    st.lists(st.integers(0, 2), max_size=4),
+    st.lists(st.integers(0, 1), max_size=2),
 )
 prompts = sequences.map(lambda s: s or [2])
 
@@ -293,7 +311,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
     """
 
     PAGE_SIZE = 1
-    NUM_PAGES = 48
+    NUM_PAGES = 24
     ROWS = 4
     CTX = 32
 
@@ -350,10 +368,8 @@ class RadixCacheMachine(RuleBasedStateMachine):
     def row(self, req: Req) -> list[int]:
         return self.cache.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_len].tolist()
 
-    # -- request lifecycle
-    @precondition(lambda self: len(self.active) < self.ROWS)
-    @rule(prompt=prompts)
-    def start(self, prompt):
+    # -- request lifecycle: one step of one request, checked against the reference
+    def start_one(self, prompt) -> Req:
         req = Req(self.next_rid, prompt)
         self.next_rid += 1
         expected_len, expected_slots = self.ref_longest(prompt[: len(prompt) - 1])
@@ -361,36 +377,32 @@ class RadixCacheMachine(RuleBasedStateMachine):
         assert req.kv_len == req.cache_protected_len == expected_len
         assert req.prefix_indices.tolist() == expected_slots == self.row(req)
         self.active.append(req)
+        return req
 
-    @precondition(lambda self: any(r.kv_len < len(r.origin_input_ids) for r in self.active))
-    @rule(data=st.data())
-    def extend(self, data):
-        req = self.pick(data, [r for r in self.active if r.kv_len < len(r.origin_input_ids)])
+    def extend_one(self, req: Req, data) -> bool:
+        """Prefill a chunk; returns False on out-of-memory (then nothing changed)."""
         n = data.draw(st.integers(1, len(req.origin_input_ids) - req.kv_len))
         kv_before, row_before = req.kv_len, self.row(req)
         out = alloc_for_extend(self.cache, [req], [n])
         self.sync_after_eviction()
         if out is None:
             assert req.kv_len == kv_before and self.row(req) == row_before
-            return
+            return False
         assert req.kv_len == kv_before + n and self.row(req)[kv_before:] == out.tolist()
         if req.kv_len == len(req.origin_input_ids):
             req.output_ids.append(data.draw(st.integers(0, 2)))  # "sample" the first output token
+        return True
 
-    @precondition(lambda self: any(r.output_ids and len(r.all_ids) < self.CTX for r in self.active))
-    @rule(data=st.data())
-    def decode(self, data):
-        req = self.pick(data, [r for r in self.active if r.output_ids and len(r.all_ids) < self.CTX])
+    def decode_one(self, req: Req, data) -> bool:
         out = alloc_for_decode(self.cache, [req])
         self.sync_after_eviction()
-        if out is not None:
-            assert self.row(req)[-1] == out.item()
-            req.output_ids.append(data.draw(st.integers(0, 2)))
+        if out is None:
+            return False
+        assert self.row(req)[-1] == out.item()
+        req.output_ids.append(data.draw(st.integers(0, 2)))
+        return True
 
-    @precondition(lambda self: any(r.kv_len and not r.output_ids for r in self.active))
-    @rule(data=st.data())
-    def cache_unfinished(self, data):
-        req = self.pick(data, [r for r in self.active if r.kv_len and not r.output_ids])
+    def cache_unfinished_one(self, req: Req) -> None:
         aligned = req.kv_len // self.PAGE_SIZE * self.PAGE_SIZE
         key = req.all_ids[:aligned]
         cached_len, cached_slots = self.ref_longest(key)
@@ -398,13 +410,10 @@ class RadixCacheMachine(RuleBasedStateMachine):
         self.cache.cache_unfinished_req(req)
         self.ref_add(key, cached_slots + own)
         assert req.cache_protected_len == aligned
-        assert self.row(req)[:aligned] == self.ref_longest(key)[1]
+        assert self.row(req)[:aligned] == self.ref_longest(key)[1]  # duplicates now point at the tree's slots
         assert req.prefix_indices.tolist() == self.row(req)
 
-    @precondition(lambda self: self.active)
-    @rule(data=st.data())
-    def finish(self, data):
-        req = self.pick(data, self.active)
+    def finish_one(self, req: Req) -> None:
         aligned = req.kv_len // self.PAGE_SIZE * self.PAGE_SIZE
         key = req.all_ids[:aligned]
         cached_len, cached_slots = self.ref_longest(key)
@@ -412,6 +421,54 @@ class RadixCacheMachine(RuleBasedStateMachine):
         self.cache.cache_finished_req(req)
         self.active.remove(req)
         assert req.req_pool_idx is None and req.last_node is None
+
+    def prefilling(self) -> list[Req]:
+        return [r for r in self.active if r.kv_len < len(r.origin_input_ids)]
+
+    def decoding(self) -> list[Req]:
+        return [r for r in self.active if r.output_ids and len(r.all_ids) < self.CTX]
+
+    # -- request rules: interleaved steps of several requests
+    @precondition(lambda self: len(self.active) < self.ROWS)
+    @rule(prompt=prompts)
+    def start(self, prompt):
+        self.start_one(prompt)
+
+    @precondition(lambda self: self.prefilling())
+    @rule(data=st.data())
+    def extend(self, data):
+        self.extend_one(self.pick(data, self.prefilling()), data)
+
+    @precondition(lambda self: self.decoding())
+    @rule(data=st.data())
+    def decode(self, data):
+        self.decode_one(self.pick(data, self.decoding()), data)
+
+    @precondition(lambda self: any(r.kv_len and not r.output_ids for r in self.active))
+    @rule(data=st.data())
+    def cache_unfinished(self, data):
+        self.cache_unfinished_one(self.pick(data, [r for r in self.active if r.kv_len and not r.output_ids]))
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data())
+    def finish(self, data):
+        self.finish_one(self.pick(data, self.active))
+
+    @precondition(lambda self: len(self.active) < self.ROWS)
+    @rule(prompt=prompts, data=st.data())
+    def serve(self, prompt, data):
+        """A whole request in one rule: chunked prefill, decode, finish (abort on out-of-memory)."""
+        req = self.start_one(prompt)
+        while req in self.active:
+            if len(req.all_ids) >= self.CTX or data.draw(st.integers(0, 3)) == 0:
+                self.finish_one(req)
+            elif req.kv_len < len(req.origin_input_ids):
+                if not self.extend_one(req, data):
+                    self.finish_one(req)
+                elif req in self.prefilling() and data.draw(st.booleans()):
+                    self.cache_unfinished_one(req)
+            elif not self.decode_one(req, data):
+                self.finish_one(req)
 
     # -- raw tree operations
     @rule(seq=sequences)
@@ -490,7 +547,7 @@ class RadixCacheMachinePaged(RadixCacheMachine):
     PAGE_SIZE = 4
 
 
-_settings = settings(max_examples=40, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_settings = settings(max_examples=50, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TestRadixCacheMachinePageSize1 = RadixCacheMachine.TestCase
 TestRadixCacheMachinePageSize1.settings = _settings
 TestRadixCacheMachinePageSize4 = RadixCacheMachinePaged.TestCase
