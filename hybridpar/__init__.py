@@ -57,6 +57,12 @@ _EXPORTS: dict[str, str] = {
     "validate_tp_size": "hybridpar.layers",
     "ParallelConfigError": "hybridpar.config",
     # RadixAttention serving
+    "RadixCache": "hybridpar.radix",
+    "Req": "hybridpar.radix",
+    "ReqToTokenPool": "hybridpar.radix",
+    "TokenToKVPoolAllocator": "hybridpar.radix",
+    "MHATokenToKVPool": "hybridpar.radix",
+    "check_integrity": "hybridpar.radix",
     "TPScheduler": "hybridpar.radix.scheduler",
     "ServerArgs": "hybridpar.radix.server_args",
     "SharedPrefixWorkload": "hybridpar.radix.workload",
