@@ -11,6 +11,7 @@ from hybridpar.viz.radix_explorer import (
     OP_KINDS,
     CacheOp,
     RadixSandbox,
+    cache_html,
     evict,
     frame_html,
     insert,
@@ -125,6 +126,19 @@ def test_bad_operations_raise_before_changing_anything():
     with pytest.raises(ValueError, match="unknown operation"):
         trace([CacheOp("flush")])
     box.check()
+
+
+def test_any_cache_can_be_drawn_with_its_running_requests():
+    from hybridpar.radix import RadixCache, Req, ReqToTokenPool, TokenToKVPoolAllocator, alloc_for_extend, start_req
+
+    cache = RadixCache(ReqToTokenPool(2, 32), TokenToKVPoolAllocator(32, 4))
+    req = Req("b", text_tokens("abcdefghij"))
+    start_req(cache, req)
+    alloc_for_extend(cache, [req], [10])
+    page = cache_html(cache, {"b": req}, label="one running request")
+    assert page.count('data-owner="request"') == 3 and page.count('data-owner="free"') == 5
+    assert "one running request" in page and "step" not in page.split("</b>")[0]
+    assert f"b at #{cache.root_node.id}" in page and "free 20" in page
 
 
 def test_text_is_one_token_per_byte():

@@ -275,28 +275,8 @@ class RadixSandbox:
 
     def snapshot(self, step: int = 0, label: str = "", result: str = "",
                  highlight: dict[int, str] | None = None, evicted: Sequence[int] = ()) -> ExplorerFrame:
-        """The current state as an :class:`ExplorerFrame`, read from the cache and the pools."""
-        ps = self.page_size
-        owner: dict[int, PageState] = {}
-        for node in self.cache.nodes():
-            for slot in node.value.tolist()[::ps]:
-                owner[slot // ps] = PageState(slot // ps, "tree", node.id, node.lock_ref > 0)
-        for name, req in self.running.items():
-            row = self.rows.req_to_token[req.req_pool_idx, req.cache_protected_len:req.kv_len].tolist()
-            for pos, slot in enumerate(row, start=req.cache_protected_len):
-                if pos % ps == 0:
-                    owner[slot // ps] = PageState(slot // ps, "request", request=name)
-        pages = [owner.get(p, PageState(p, "free")) for p in range(1, self.allocator.num_pages + 1)]
-        tree = self.cache.to_dict()
-        lru = sorted(((n["evict_rank"], n["id"]) for n in _walk(tree["root"]) if n["evict_rank"] is not None))
-        return ExplorerFrame(
-            step=step, label=label, result=result, page_size=ps, tree=tree, pages=pages,
-            free_tokens=self.allocator.available_size(), evictable_tokens=self.cache.evictable_size(),
-            protected_tokens=self.cache.protected_size(),
-            request_tokens=sum(p.owner == "request" for p in pages) * ps,
-            lru_order=[i for _, i in lru], highlight=dict(highlight or {}), evicted=list(evicted),
-            running={name: req.last_node.id for name, req in self.running.items()},
-        )
+        """The current state as an :class:`ExplorerFrame` (see :func:`snapshot_cache`)."""
+        return snapshot_cache(self.cache, self.running, step, label, result, highlight, evicted)
 
     def step(self, op: CacheOp, step: int = 0) -> ExplorerFrame:
         """Apply ``op`` and return the frame after it, with the nodes it touched highlighted."""
@@ -312,6 +292,39 @@ class RadixSandbox:
             for node in _path_nodes(self.cache, text_tokens(op.text)):
                 highlight.setdefault(node.id, "matched")
         return self.snapshot(step, op.label(), result, highlight, self.cache.evicted_ids[evicted_before:])
+
+
+def snapshot_cache(cache: RadixCache, running: dict[str, Req] | None = None, step: int = 0, label: str = "",
+                   result: str = "", highlight: dict[int, str] | None = None,
+                   evicted: Sequence[int] = ()) -> ExplorerFrame:
+    """Read any :class:`RadixCache`, its pools and the ``running`` requests (name -> request holding
+    a row) into an :class:`ExplorerFrame`: every page's owner, the cache's counters, the LRU order."""
+    running = running or {}
+    ps, allocator, rows = cache.page_size, cache.token_to_kv_pool_allocator, cache.req_to_token_pool
+    owner: dict[int, PageState] = {}
+    for node in cache.nodes():
+        for slot in node.value.tolist()[::ps]:
+            owner[slot // ps] = PageState(slot // ps, "tree", node.id, node.lock_ref > 0)
+    for name, req in running.items():
+        row = rows.req_to_token[req.req_pool_idx, req.cache_protected_len:req.kv_len].tolist()
+        for pos, slot in enumerate(row, start=req.cache_protected_len):
+            if pos % ps == 0:
+                owner[slot // ps] = PageState(slot // ps, "request", request=str(name))
+    pages = [owner.get(p, PageState(p, "free")) for p in range(1, allocator.num_pages + 1)]
+    tree = cache.to_dict()
+    lru = sorted((n["evict_rank"], n["id"]) for n in _walk(tree["root"]) if n["evict_rank"] is not None)
+    return ExplorerFrame(
+        step=step, label=label, result=result, page_size=ps, tree=tree, pages=pages,
+        free_tokens=allocator.available_size(), evictable_tokens=cache.evictable_size(),
+        protected_tokens=cache.protected_size(), request_tokens=sum(p.owner == "request" for p in pages) * ps,
+        lru_order=[i for _, i in lru], highlight=dict(highlight or {}), evicted=list(evicted),
+        running={str(name): req.last_node.id for name, req in running.items() if req.last_node is not None},
+    )
+
+
+def cache_html(cache: RadixCache, running: dict[str, Req] | None = None, label: str = "") -> str:
+    """Draw any :class:`RadixCache` (tree, pool strip, counters): :func:`frame_html` of :func:`snapshot_cache`."""
+    return frame_html(snapshot_cache(cache, running, label=label or "the cache now"))
 
 
 def _path_nodes(cache: RadixCache, tokens: list[int]) -> list[Any]:
@@ -506,7 +519,8 @@ def _swatch(color: str, text: str) -> str:
 
 def frame_html(frame: ExplorerFrame, total_steps: int | None = None) -> str:
     """One frame: the step and its result, the tree, the pool strip, the counters and the LRU order."""
-    of = f" of {total_steps}" if total_steps is not None else ""
+    title = frame.label if total_steps is None and frame.step == 0 else \
+        f"step {frame.step}{f' of {total_steps}' if total_steps is not None else ''}: {frame.label}"
     pages_in = {o: sum(p.owner == o for p in frame.pages) for o in ("free", "tree", "request")}
     lru = " → ".join(f"#{i}" for i in frame.lru_order) or "(nothing evictable)"
     running = ", ".join(f"{n} at #{i}" for n, i in frame.running.items()) or "none"
@@ -521,7 +535,7 @@ def frame_html(frame: ExplorerFrame, total_steps: int | None = None) -> str:
                 f"({pages_in['free']} free / {pages_in['tree']} cached / {pages_in['request']} request pages)")
     return (f'<div class="hybridpar-radix" style="color:{TEXT_COLOR};background:white;padding:0.4em;'
             f'border:1px solid #ddd;border-radius:4px">'
-            f'<div><b>step {frame.step}{of}: {html.escape(frame.label)}</b></div>'
+            f'<div><b>{html.escape(title)}</b></div>'
             f'<div style="margin-bottom:0.3em">{html.escape(frame.result)}</div>'
             f'<div style="overflow-x:auto">{tree_svg(frame)}</div>'
             f'<div style="font-size:0.85em">{legend}{marks}<br>t: last access on the cache\'s logical clock; '
