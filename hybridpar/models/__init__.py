@@ -11,7 +11,7 @@ module                                 concept
 :mod:`~.loader`                        sharded (get_slice) vs full safetensors loading
 :mod:`~.sampling`, :mod:`~.generate`   greedy / top-k / top-p, batched generation
 :mod:`~.model_wrapper`                 ``TPRadixAttentionModelWrapper``
-:mod:`~.inspect`                       per-rank shard reports for notebooks
+:mod:`~.shard_report`                  per-rank shard reports for notebooks
 :mod:`~.verify`                        TP vs transformers check (CLI)
 =====================================  ===============================================
 

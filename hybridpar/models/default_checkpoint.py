@@ -213,8 +213,10 @@ def checkpoint_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...
     return shapes
 
 
-def make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """The deterministic value of one tensor.
+def make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """The deterministic value of one tensor (drawn on ``device``: a GPU's generator gives other,
+    equally distributed values than the CPU's, fast enough for the 7B-shape benchmark models).
 
     Random weights make a poor language model; these scales keep it from collapsing into
     repeating one token (so greedy generation exercises many decode paths) and keep the top-2
@@ -228,8 +230,8 @@ def make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype
       dominate the residual stream (with tied embeddings the latter predicts "repeat me");
     * other linear weights ~ N(0, 1/fan_in); norm weights ~ 1 + N(0, 0.1^2); biases ~ N(0, 0.1^2).
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    x = torch.randn(shape, generator=gen, dtype=torch.float32)
+    gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    x = torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
     if name.endswith("norm.weight"):
         x = 1.0 + 0.1 * x
     elif name.endswith(".bias"):
@@ -405,12 +407,14 @@ def resolve_model(model_name: str | None = None) -> Path:
       the built-in default.
     """
     key = builtin_name(model_name)
-    if model_name is not None and Path(model_name).expanduser().exists():
-        return check_checkpoint_dir(Path(model_name).expanduser())
+    if model_name is not None:
+        local = Path(model_name).expanduser()
+        if local.exists() or model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1:
+            return check_checkpoint_dir(local)
     if key is not None:
         return default_model_path(name=key)
     assert model_name is not None
-    if model_name.startswith(("/", ".", "~")) or model_name.count("/") != 1:
+    if model_name.count("/") != 1:
         raise ModelNotFoundError(
             f"model {model_name!r} is not an existing directory, not a built-in model ({', '.join(BUILTIN_MODELS)}) "
             f"and not a hub id of the form 'org/name'; use model_name=None for the built-in 'hybridpar/{DEFAULT_MODEL}'")
