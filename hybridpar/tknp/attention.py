@@ -50,6 +50,7 @@ class TknpForwardBatch(ForwardBatch):
     """
 
     tknp_ranks: list[int] | None = None
+    rank_mem_ops: list[list] | None = None  # paged caches: pool changes rank j replays before attending
 
     @classmethod
     def build_placed(cls, attn_backend: AttentionBackend, tknp_ranks: Sequence[int], req_pool_indices: Sequence[int],
@@ -99,12 +100,17 @@ class KVCapacity:
 
 
 def capacity_of(backend: AttentionBackend, param_bytes: int = 0) -> KVCapacity:
-    """The :class:`KVCapacity` of a local backend."""
+    """The :class:`KVCapacity` of a local backend (contiguous rows, or a paged pool)."""
+    from hybridpar.radix.paged_backend import RadixAttentionBackend
+
     if isinstance(backend, ContiguousKVCache):
         return KVCapacity(backend.max_batch_size, backend.max_seq_len, backend.max_batch_size * backend.max_seq_len,
                           backend.size_bytes(), param_bytes)
+    if isinstance(backend, RadixAttentionBackend):
+        rows, kv = backend.req_to_token_pool, backend.token_to_kv_pool
+        return KVCapacity(rows.size, rows.max_context_len, kv.size, kv.kv_size_bytes(), param_bytes)
     raise TypeError(f"token parallelism does not know how to size a {type(backend).__name__}; "
-                    f"use a ContiguousKVCache")
+                    f"use a ContiguousKVCache or a RadixAttentionBackend")
 
 
 @dataclass
@@ -115,6 +121,7 @@ class SubBatch:
     prefix_lens: list[int] = field(default_factory=list)
     extend_lens: list[int] = field(default_factory=list)
     out_cache_loc: torch.Tensor | None = None  # CPU int64 slots of the new tokens (paged caches)
+    mem_ops: list | None = None  # paged caches: the root's pool changes to replay on this rank's mirror first
 
     @property
     def num_tokens(self) -> int:
@@ -168,6 +175,8 @@ def split_batch(fb: ForwardBatch, num_ranks: int) -> tuple[StepPlan, torch.Tenso
     if loc is not None:
         for rank, sb in enumerate(subs):
             sb.out_cache_loc = loc[torch.cat(pieces[rank])] if pieces[rank] else loc.new_empty(0)
+    for rank, ops in enumerate(getattr(fb, "rank_mem_ops", None) or []):
+        subs[rank].mem_ops = ops or None
     order = torch.cat([p for rank_pieces in pieces for p in rank_pieces])
     return StepPlan(subs), order
 
@@ -258,6 +267,18 @@ class TokenParallelAttention(AttentionBackend):
         out = torch.empty_like(grouped)
         out[self._order] = grouped
         return out
+
+    def sync(self, rank_mem_ops: Sequence[list]) -> None:
+        """Send pool changes to the workers without a forward pass (a plan with no tokens).
+
+        A paged root records every change to the index pools it keeps for each rank and ships them
+        with the next pass; call this when no pass follows (e.g. the frees of the last finished
+        requests) so that every worker's mirror is current.
+        """
+        if self.group is None or not any(rank_mem_ops):
+            return
+        plan = StepPlan([SubBatch(mem_ops=list(ops) or None) for ops in rank_mem_ops])
+        broadcast_object(plan, src=0, group=self.group)
 
     def shutdown(self) -> None:
         """Tell the attention workers of the group to return (collective; idempotent on the root)."""

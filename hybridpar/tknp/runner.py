@@ -37,10 +37,11 @@ from hybridpar.distributed.parallel_state import (
     model_parallel_is_initialized,
 )
 from hybridpar.models.attention_backend import ContiguousKVCache
-from hybridpar.radix.mem_pool import kv_bytes_per_token
+from hybridpar.radix.mem_pool import kv_bytes_per_token, max_tokens_for_budget
 from hybridpar.tknp.attention import AttentionGeometry, KVCapacity, TokenParallelAttention
 from hybridpar.tknp.engine import Request, RequestOutput, TknpEngine
 from hybridpar.tknp.memory import rank_kv_tokens
+from hybridpar.tknp.radix_scheduler import TknpScheduler, build_paged_worker_backend
 from hybridpar.tknp.worker import AttentionWorker
 
 
@@ -165,6 +166,49 @@ def build_worker(setup: TknpSetup) -> AttentionWorker:
                               cache_rows(setup, geometry, 0), setup.max_seq_len, dtype=setup.torch_dtype,
                               device=device)
     return AttentionWorker(cache, geometry, get_tknp_group(), device)
+
+
+def paged_pool_tokens(setup: TknpSetup, geometry: AttentionGeometry, param_bytes: int, page_size: int) -> int:
+    """Tokens of this rank's paged KV pool: what its budget holds after its weights (whole pages, page 0
+    reserved), or ``max_requests_per_rank * max_seq_len`` without a budget."""
+    if setup.memory_budget_bytes is None:
+        return setup.max_requests_per_rank * setup.max_seq_len // page_size * page_size
+    return max_tokens_for_budget(max(setup.memory_budget_bytes - param_bytes, 0), geometry.num_layers,
+                                 geometry.num_kv_heads, geometry.head_dim, geometry.dtype, page_size)
+
+
+def build_tknp_scheduler(setup: TknpSetup, page_size: int = 16, **server_args: Any) -> TknpScheduler:
+    """A root's :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`: paged pool + radix tree per TKNP rank.
+
+    ``server_args`` override :class:`~hybridpar.radix.server_args.ServerArgs` fields (e.g.
+    ``disable_radix_cache=True``); the pool size, rows and context come from ``setup``.
+    """
+    from hybridpar.models.model_wrapper import TPRadixAttentionModelWrapper
+
+    ensure_groups(setup)
+    tp = get_tp_group()
+    wrapper = TPRadixAttentionModelWrapper(setup.model_name, dtype=setup.torch_dtype, tp_group=tp, page_size=page_size)
+    param_bytes = sum(p.numel() * p.element_size() for p in wrapper.model.parameters())
+    geometry = AttentionGeometry.from_config(wrapper.config, tp.world_size, tp.rank_in_group, setup.torch_dtype)
+    tokens = paged_pool_tokens(setup, geometry, param_bytes, page_size)
+    return TknpScheduler(wrapper, get_tknp_group(), max_total_tokens=tokens,
+                         max_running_requests=setup.max_requests_per_rank, max_context_len=setup.max_seq_len,
+                         **server_args)
+
+
+def build_paged_worker(setup: TknpSetup, page_size: int = 16) -> AttentionWorker:
+    """A worker with a paged pool (for a root running :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`)."""
+    from hybridpar.models.default_checkpoint import resolve_model
+    from hybridpar.roofline import ModelShape
+
+    ensure_groups(setup)
+    config = ModelShape.from_hf_config(resolve_model(setup.model_name) / "config.json")
+    tp = get_tp_group()
+    geometry = AttentionGeometry.from_config(config, tp.world_size, tp.rank_in_group, setup.torch_dtype)
+    device = current_device()
+    backend, mirror = build_paged_worker_backend(geometry, paged_pool_tokens(setup, geometry, 0, page_size), page_size,
+                                                 setup.max_requests_per_rank, setup.max_seq_len, device)
+    return AttentionWorker(backend, geometry, get_tknp_group(), device, mirror=mirror)
 
 
 def serve(setup: TknpSetup, workloads: Sequence[Workload]) -> RankReport:

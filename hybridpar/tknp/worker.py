@@ -28,6 +28,8 @@ import torch
 from hybridpar.distributed.communication_op import broadcast_object, gatherv, scatterv
 from hybridpar.distributed.parallel_state import GroupCoordinator
 from hybridpar.models.attention_backend import AttentionBackend
+from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
+from hybridpar.radix.pool_sync import pool_digest, replay
 from hybridpar.tknp.attention import AttentionGeometry, KVCapacity, StepPlan, attend_piece, capacity_of, exchange_hello
 
 
@@ -50,19 +52,31 @@ class AttentionWorker:
 
     Constructing it is collective over ``group`` (it meets the root's
     :class:`~hybridpar.tknp.attention.TokenParallelAttention`); ``capacities`` then lists every
-    rank's :class:`~hybridpar.tknp.attention.KVCapacity`.
+    rank's :class:`~hybridpar.tknp.attention.KVCapacity`. With a paged backend pass ``mirror``
+    (its ``ReqToTokenPool`` and a ``TokenToKVPoolAllocator`` of the same size): the root keeps the
+    real index structures of this rank's pool and sends their changes, which the worker replays
+    (checked: a divergence raises) before attending.
     """
 
     def __init__(self, backend: AttentionBackend, geometry: AttentionGeometry, group: GroupCoordinator,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", mirror: tuple[ReqToTokenPool, TokenToKVPoolAllocator] | None = None
+                 ) -> None:
         if group.world_size < 2 or group.is_first_rank:
             raise ValueError(f"AttentionWorker runs on a non-root rank of a TKNP group of >= 2 ranks; this is group "
                              f"rank {group.rank_in_group} of {group.world_size}: use TokenParallelAttention on the root")
-        self.backend, self.geometry, self.group = backend, geometry, group
+        self.backend, self.geometry, self.group, self.mirror = backend, geometry, group, mirror
         self.device = torch.device(device)
         self.capacity: KVCapacity = capacity_of(backend)
         self.capacities = exchange_hello(group, geometry, self.capacity)
         self.stats = WorkerStats()
+
+    def pool_digest(self) -> dict:
+        """Free pages, free rows and the ``req_to_token`` hash of the mirror pools (paged workers): equal to
+        the root's bookkeeping of this rank after a workload (:meth:`TknpScheduler.rank_digests`)."""
+        if self.mirror is None:
+            raise RuntimeError("pool_digest needs a paged worker (built with mirror pools)")
+        d = pool_digest(*self.mirror, torch.zeros(0, dtype=torch.bool))
+        return {k: d[k] for k in ("free_pages", "free_rows", "req_to_token")}
 
     def serve(self) -> WorkerStats:
         """Run passes until the root shuts the group down; returns the statistics."""
@@ -76,7 +90,13 @@ class AttentionWorker:
     def run_pass(self, plan: StepPlan) -> None:
         """One forward pass: every layer's scatter, local attention, gather."""
         mine = plan.sub_batches[self.group.rank_in_group]
+        if mine.mem_ops:
+            if self.mirror is None:
+                raise RuntimeError("the root sent pool changes but this worker has no mirror pools (paged cache)")
+            replay(mine.mem_ops, *self.mirror)
         sizes = plan.split_sizes
+        if sum(sizes) == 0:  # a sync-only plan: pool changes, no forward pass
+            return
         fb = mine.forward_batch(self.backend, self.device)
         if fb is not None:
             self.backend.init_forward_metadata(fb)
