@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridpar.distributed.communication_op import all_reduce_
 from hybridpar.distributed.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -390,7 +391,11 @@ class RowParallelLinear(LinearBase):
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, group=self.tp_group)
         if self.reduce_results:
-            out = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight), group=self.tp_group)
+            partial = F.linear(x, self.weight)
+            if torch.is_grad_enabled():  # the autograd-aware g operator (backward: identity)
+                out = reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
+            else:  # inference: the partial sum is a fresh temporary, reduce it in place (no copy)
+                out = all_reduce_(partial, self.tp_group)
             return out + self.bias if self.bias is not None else out
         bias = self.bias if self.tp_rank == 0 else None
         return F.linear(x, self.weight, bias)
