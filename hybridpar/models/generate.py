@@ -7,6 +7,11 @@ tokens they feed back, whatever the floating-point behaviour of the collectives.
 
 A request leaves the batch when it produces an EOS token (unless ``ignore_eos``) or reaches its
 ``max_new_tokens``; the others keep decoding.
+
+With ``use_cuda_graph=True`` the decode steps run through a
+:class:`~hybridpar.models.cuda_graph.ContiguousDecodeRunner` kept on the model: batched decode
+attention over static buffers, captured as one CUDA graph per batch-size bucket on a GPU (run
+eagerly on the CPU). Prefill is unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridpar.distributed.communication_op import broadcast
-from hybridpar.models.attention_backend import ForwardBatch
+from hybridpar.models.attention_backend import ForwardBatch, ForwardMode
 from hybridpar.models.decoder import DecoderForCausalLM
 from hybridpar.models.sampling import SamplingParams, sample
 
@@ -58,11 +63,12 @@ def _agree(tokens: list[int], model: DecoderForCausalLM) -> list[int]:
 @torch.no_grad()
 def generate(model: DecoderForCausalLM, prompts: Sequence[Sequence[int]],
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-             eos_token_ids: Sequence[int] | None = None, return_logits: bool = False) -> list[GenerationOutput]:
+             eos_token_ids: Sequence[int] | None = None, return_logits: bool = False,
+             use_cuda_graph: bool = False) -> list[GenerationOutput]:
     """Generate for a batch of token-id prompts of any lengths; returns one output per prompt.
 
     ``sampling``: one :class:`SamplingParams` for all prompts or one per prompt. ``eos_token_ids``:
-    defaults to the config's EOS ids.
+    defaults to the config's EOS ids. ``use_cuda_graph``: the fast decode path (module docstring).
     """
     params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
     if len(params) != len(prompts):
@@ -72,14 +78,25 @@ def generate(model: DecoderForCausalLM, prompts: Sequence[Sequence[int]],
     device = _device(model)
     gens = [p.make_generator() for p in params]
     outs = [GenerationOutput(list(p), [], "length", [] if return_logits else None) for p in prompts]
-    cache = model.make_kv_cache(len(prompts), max(len(p) + s.max_new_tokens for p, s in zip(prompts, params)))
+    max_len = max(len(p) + s.max_new_tokens for p, s in zip(prompts, params))
+    runner = None
+    if use_cuda_graph:
+        from hybridpar.models.cuda_graph import contiguous_runner_for
+
+        runner = contiguous_runner_for(model, len(prompts), max_len)
+        cache = runner.cache
+    else:
+        cache = model.make_kv_cache(len(prompts), max_len)
     rows = cache.alloc(len(prompts))
     active = list(range(len(prompts)))
     fb = ForwardBatch.build(cache, rows, [0] * len(prompts), [len(p) for p in prompts], device)
     input_ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
     while active:
-        hidden = model(input_ids, fb.positions, fb)
-        logits = model.compute_logits(hidden[fb.last_token_indices()])
+        if fb.forward_mode == ForwardMode.DECODE and runner is not None:
+            logits = runner.decode(fb.req_pool_indices, fb.seq_lens, input_ids)
+        else:
+            hidden = model(input_ids, fb.positions, fb)
+            logits = model.compute_logits(hidden[fb.last_token_indices()])
         tokens = _agree(sample(logits, [params[i] for i in active], [gens[i] for i in active]), model)
         still = []
         for j, (i, tok) in enumerate(zip(active, tokens)):

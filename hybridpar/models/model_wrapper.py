@@ -114,7 +114,8 @@ class TPRadixAttentionModelWrapper:
     def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams]
                      = SamplingParams(), return_logits: bool = False) -> list[GenerationOutput]:
         """Generate from token-id prompts; every rank returns the same outputs."""
-        return generate(self.model, prompts, sampling, return_logits=return_logits)
+        return generate(self.model, prompts, sampling, return_logits=return_logits,
+                        use_cuda_graph=self.server_args.use_cuda_graph)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, sampling: SamplingParams | None = None,
                  ) -> list[str]:

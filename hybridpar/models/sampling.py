@@ -63,7 +63,13 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row of ``logits [B, V]``; row ``i`` uses ``params[i]`` and ``generators[i]``."""
+    """One token per row of ``logits [B, V]``; row ``i`` uses ``params[i]`` and ``generators[i]``.
+
+    An all-greedy batch takes the argmax where the logits are (first maximum, as on the CPU) and
+    copies ``B`` ids to the host instead of ``B x V`` logits.
+    """
+    if all(p.greedy for p in params):
+        return logits.detach().argmax(dim=-1).tolist()
     logits = logits.detach().to("cpu", torch.float32)
     tokens = []
     for row, p, gen in zip(logits, params, generators):

@@ -197,6 +197,7 @@ class TPScheduler:
                                         config.head_dim, config.num_layers, self.device)
         self.backend = RadixAttentionBackend(self.req_to_token_pool, self.kv_pool, check_reads=self.args.debug_checks)
         self.metrics = SchedulerMetrics()
+        self._graph_runner = None  # PagedDecodeRunner, built at the first decode step when use_cuda_graph
         self._next_rid = 0
         if self.is_leader:
             self.tree_cache = _MeteredRadixCache(self.req_to_token_pool, self.allocator, ps,
@@ -428,6 +429,8 @@ class TPScheduler:
     def _execute(self, plan: StepPlan) -> torch.Tensor | None:
         """Run the plan's forward on this rank; full-vocabulary logits of ``sample_rows`` (every rank)."""
         loc = torch.tensor(plan.out_cache_loc, dtype=torch.int64, device=self.device)
+        if plan.kind == "decode" and self.args.use_cuda_graph:
+            return self._execute_graph_decode(plan, loc)
         fb = ForwardBatch.build(self.backend, plan.req_pool_indices, plan.prefix_lens, plan.extend_lens, self.device,
                                 out_cache_loc=loc)
         input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
@@ -436,6 +439,18 @@ class TPScheduler:
             return None
         rows = fb.last_token_indices()[torch.tensor(plan.sample_rows, device=self.device)]
         return self.model.compute_logits(hidden[rows])
+
+    def _execute_graph_decode(self, plan: StepPlan, loc: torch.Tensor) -> torch.Tensor:
+        """A decode step through the CUDA-graph runner (:mod:`hybridpar.models.cuda_graph`), built on first use."""
+        if self._graph_runner is None:
+            from hybridpar.models.cuda_graph import PagedDecodeRunner
+
+            self._graph_runner = PagedDecodeRunner(self.model, self.kv_pool, self.req_to_token_pool.req_to_token,
+                                                   self.args.max_running_requests, scaling=self.backend.scaling)
+        self.backend.filled[loc] = True
+        input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
+        seq_lens = [p + 1 for p in plan.prefix_lens]
+        return self._graph_runner.decode(plan.req_pool_indices, seq_lens, loc, input_ids)
 
     def _process_batch_result(self, plan: StepPlan, logits: torch.Tensor | None,
                               results: dict[int, RequestResult]) -> None:

@@ -38,6 +38,9 @@ class ServerArgs:
 
     ``disable_radix_cache``: serve without prefix reuse (the baseline). ``debug_checks``: run the
     cache integrity check after every step and verify every KV read (slow; for tests).
+    ``use_cuda_graph``: run decode steps through a CUDA-graph runner (batched decode attention over
+    static buffers, one graph per batch/length bucket; :mod:`hybridpar.models.cuda_graph`); on the
+    CPU the same static path runs eagerly.
     """
 
     page_size: int = 16
@@ -57,6 +60,7 @@ class ServerArgs:
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
     debug_checks: bool = False
+    use_cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: object, minimum: int = 1) -> None:

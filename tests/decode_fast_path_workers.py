@@ -1,0 +1,74 @@
+"""Rank workers for tests/test_decode_fast_path.py (importable by spawned ranks)."""
+from __future__ import annotations
+
+import torch
+
+from hybridpar.distributed.parallel_state import initialize_tensor_parallel
+from hybridpar.models.generate import generate
+from hybridpar.models.model_wrapper import TPRadixAttentionModelWrapper
+from hybridpar.models.sampling import SamplingParams
+from hybridpar.radix.scheduler import TPScheduler
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17], [(5 * j + 3) % 250 for j in range(58)]]
+LENGTHS = (6, 3, 9, 12)  # the last one crosses the 64-token length bucket; the batch shrinks 4 -> 1
+
+
+def fast_path_worker(tp: int, names: list[str], dtype: str = "fp32") -> dict:
+    """Per model: reference generate vs the static decode path (twice: graphs/caches reused), and
+    the scheduler with and without ``use_cuda_graph``. Returns tokens and logit differences."""
+    initialize_tensor_parallel(tp)
+    out: dict = {}
+    for name in names:
+        m = TPRadixAttentionModelWrapper(name, dtype=dtype)
+        params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in LENGTHS]
+        ref = generate(m.model, PROMPTS, params, return_logits=True)
+        runs = [generate(m.model, PROMPTS, params, return_logits=True, use_cuda_graph=True) for _ in range(2)]
+        runner = m.model._hybridpar_decode_runner.runner
+        sched = []
+        for graph in (False, True):
+            s = TPScheduler(m, use_cuda_graph=graph, max_total_tokens=1024)
+            for p, sp in zip(PROMPTS, params):
+                s.add_request(p, sampling=sp)
+            sched.append([r.output_ids for r in s.process_requests().values()])
+        out[name] = {
+            "ref_tokens": [o.token_ids for o in ref],
+            "min_top2_gap": min(float((lg.topk(2, -1).values[:, 0] - lg.topk(2, -1).values[:, 1]).min()) for lg in
+                                (o.logits for o in ref)),
+            "fast_tokens": [[o.token_ids for o in r] for r in runs],
+            "max_logit_diff": max(float((a.logits - b.logits).abs().max()) for r in runs for a, b in zip(ref, r)),
+            "graph_mode": runner.use_graph,
+            "captures": runner.captures,
+            "sched_tokens": sched,
+        }
+    return out
+
+
+def graph_vs_eager_worker(name: str, batch: int, steps: int) -> dict:
+    """On CUDA: the same decode steps through a captured runner and an eager runner (same weights)."""
+    from hybridpar.models.cuda_graph import ContiguousDecodeRunner
+
+    initialize_tensor_parallel(torch.distributed.get_world_size())
+    m = TPRadixAttentionModelWrapper(name, dtype="bf16")
+    prompts = [[(7 * i + j) % 250 for j in range(5 + 3 * i)] for i in range(batch)]
+    diffs, same = [], True
+    outs = {}
+    for graph in (True, False):
+        runner = ContiguousDecodeRunner(m.model, batch, 128, use_cuda_graph=graph)
+        rows = runner.cache.alloc(batch)
+        from hybridpar.models.attention_backend import ForwardBatch
+
+        fb = ForwardBatch.build(runner.cache, rows, [0] * batch, [len(p) for p in prompts], m.device)
+        ids = torch.tensor([t for p in prompts for t in p], device=m.device)
+        logits = m.model.compute_logits(m.model(ids, fb.positions, fb)[fb.last_token_indices()])
+        lens = [len(p) for p in prompts]
+        tokens, all_logits = [], []
+        for _ in range(steps):
+            nxt = logits.argmax(-1)
+            tokens.append(nxt.tolist())
+            lens = [n + 1 for n in lens]
+            logits = runner.decode(rows, lens, nxt).clone()
+            all_logits.append(logits.float().cpu())
+        outs[graph] = (tokens, torch.stack(all_logits), runner.runner.captures)
+    same = outs[True][0] == outs[False][0]
+    diffs = float((outs[True][1] - outs[False][1]).abs().max())
+    return {"same_tokens": same, "max_logit_diff": diffs, "captures": outs[True][2]}
