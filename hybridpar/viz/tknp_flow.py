@@ -1,0 +1,462 @@
+"""One forward pass of token parallelism, stage by stage: who holds which request, and what moves.
+
+:func:`step_flow` asks the package what happens in one pass of a TP ``t`` x TKNP ``k`` deployment,
+so the pictures cannot drift from the code:
+
+* **placement**: :func:`hybridpar.tknp.placement.place_all` on each request's reservation
+  (:attr:`hybridpar.tknp.engine.Request.max_tokens`), which is how
+  :class:`~hybridpar.tknp.engine.TknpEngine` places requests that arrive in this order and are
+  still running; each request takes the next free cache row of its rank, as in the engine;
+* **the split**: :func:`hybridpar.tknp.attention.split_batch` on the
+  :class:`~hybridpar.tknp.attention.TknpForwardBatch` of the pass gives every rank's sub-batch, the
+  split sizes of each ``scatterv`` / ``gatherv``, and the token order that groups tokens by rank;
+* **heads**: :meth:`hybridpar.tknp.attention.AttentionGeometry.from_config` for every TP rank, the
+  rule ``QKVParallelLinear`` uses.
+
+:func:`flow_frames` turns a :class:`StepFlow` into one :class:`FlowFrame` per stage of
+:data:`STAGES` (plan, QKV, scatter, attention, gather, the rest of the layer), :func:`frame_html`
+draws one: a strip of the batch's tokens coloured by the TKNP rank that owns them, and one row per
+global rank with what it holds and does. :func:`tknp_flow_explorer` precomputes every frame
+behind ``jslink``-ed controls (works in the static book); :func:`tknp_flow_widget` recomputes in
+Python callbacks (needs a kernel). :func:`engine_requests` builds the engine workload that reaches
+the same pass, so a real run can be checked against the frames.
+
+ipywidgets is imported inside the widget functions, so importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import html
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hybridpar.distributed.parallel_state import RankLayout, compute_layout
+from hybridpar.models.sampling import SamplingParams
+from hybridpar.roofline import MODEL_PRESETS, ModelShape, format_bytes
+from hybridpar.tknp.attention import AttentionGeometry, StepPlan, TknpForwardBatch, split_batch
+from hybridpar.tknp.engine import Request
+from hybridpar.tknp.placement import place_all
+from hybridpar.viz.colors import TEXT_COLOR, rank_color
+
+if TYPE_CHECKING:
+    import ipywidgets
+
+STAGES = ("plan", "qkv", "scatter", "attend", "gather", "rest")
+STAGE_TITLES = {
+    "plan": "1. plan: place the requests, broadcast the sub-batches",
+    "qkv": "2. QKV on the root, tokens regrouped by owner",
+    "scatter": "3. scatterv: each rank receives its requests' q, k, v",
+    "attend": "4. attention: every rank against its own KV cache",
+    "gather": "5. gatherv: outputs back to the root, batch order restored",
+    "rest": "6. the rest of the layer, on the root only",
+}
+
+
+@dataclass(frozen=True)
+class FlowRequest:
+    """A running request at the pass shown: ``prompt_len`` tokens, ``generated`` tokens sampled so far.
+
+    ``generated == 0``: this pass is its prefill (all prompt tokens are new). Otherwise it decodes:
+    one new token (the last sampled one) after ``prompt_len + generated - 1`` cached tokens.
+    """
+
+    prompt_len: int
+    generated: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1 or self.generated < 0:
+            raise ValueError(f"a request needs prompt_len >= 1 and generated >= 0, got {self}")
+
+    @property
+    def new_tokens(self) -> int:
+        return self.prompt_len if self.generated == 0 else 1
+
+    @property
+    def cached_tokens(self) -> int:
+        return 0 if self.generated == 0 else self.prompt_len + self.generated - 1
+
+    @property
+    def seq_len(self) -> int:
+        """KV tokens of the request once this pass has written its new ones."""
+        return self.cached_tokens + self.new_tokens
+
+
+# Five requests in their 5th step of decoding, and a sixth that arrives now (its prefill): a mixed
+# pass, so the ranks' pieces differ in size.
+DEFAULT_REQUESTS = (FlowRequest(12, 4), FlowRequest(3, 4), FlowRequest(30, 4), FlowRequest(7, 4),
+                    FlowRequest(20, 4), FlowRequest(5, 0))
+DEFAULT_MAX_NEW_TOKENS = 8
+LAYOUTS = ((1, 2), (2, 2), (1, 4))  # (tp, tknp) of the explorer
+
+
+@dataclass(frozen=True)
+class StepFlow:
+    """Everything one TP ``t`` x TKNP ``k`` forward pass moves, from the package's own functions.
+
+    Invariants: ``placement[i]`` is the TKNP rank of request ``i``; ``split_sizes[r]`` new tokens
+    and ``kv_tokens[r]`` KV tokens belong to TKNP rank ``r`` (the same on every TP rank);
+    ``order[j]`` is the batch index of the ``j``-th token once grouped by rank; ``heads[tp_rank]``
+    is the attention geometry (query heads, KV heads) of that TP rank and of its whole TKNP group.
+    """
+
+    model: ModelShape
+    tensor_parallel_size: int
+    token_parallel_size: int
+    requests: tuple[FlowRequest, ...]
+    max_new_tokens: int
+    reservations: tuple[int, ...]
+    placement: tuple[int, ...]
+    rows: tuple[int, ...]
+    plan: StepPlan
+    order: tuple[int, ...]
+    heads: tuple[AttentionGeometry, ...]
+    layout: RankLayout
+    bytes_per_elem: int = 2
+
+    @property
+    def split_sizes(self) -> list[int]:
+        return self.plan.split_sizes
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.split_sizes)
+
+    @property
+    def kv_tokens(self) -> list[int]:
+        """KV tokens each TKNP rank attends over in this pass (its requests' ``seq_len``, summed)."""
+        return [sum(p + n for p, n in zip(sb.prefix_lens, sb.extend_lens)) for sb in self.plan.sub_batches]
+
+    def requests_on(self, tknp_rank: int) -> list[int]:
+        return [i for i, r in enumerate(self.placement) if r == tknp_rank]
+
+    def token_requests(self, grouped: bool = False) -> list[int]:
+        """The request of every new token, in batch order or (``grouped``) in rank-grouped order."""
+        batch = [i for i, req in enumerate(self.requests) for _ in range(req.new_tokens)]
+        return [batch[j] for j in self.order] if grouped else batch
+
+    def scatter_bytes(self, tp_rank: int = 0) -> int:
+        """Bytes a root sends per layer: packed q, k, v of every token it does not attend itself."""
+        g = self.heads[tp_rank]
+        return (self.num_tokens - self.split_sizes[0]) * g.packed_heads * g.head_dim * self.bytes_per_elem
+
+    def gather_bytes(self, tp_rank: int = 0) -> int:
+        """Bytes a root receives per layer: the attention outputs of the other ranks' tokens."""
+        g = self.heads[tp_rank]
+        return (self.num_tokens - self.split_sizes[0]) * g.num_heads * g.head_dim * self.bytes_per_elem
+
+    def kv_read_bytes(self, tknp_rank: int, tp_rank: int = 0) -> int:
+        """Bytes of K and V one rank reads per layer: its KV tokens x its KV heads."""
+        g = self.heads[tp_rank]
+        return self.kv_tokens[tknp_rank] * 2 * g.num_kv_heads * g.head_dim * self.bytes_per_elem
+
+    @property
+    def label(self) -> str:
+        t, k = self.tensor_parallel_size, self.token_parallel_size
+        return f"TP {t} x TKNP {k}" if t > 1 else f"TKNP {k}"
+
+
+def step_flow(model: ModelShape | str = "tiny", tensor_parallel_size: int = 1, token_parallel_size: int = 2,
+              requests: Sequence[FlowRequest] = DEFAULT_REQUESTS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+              bytes_per_elem: int = 2) -> StepFlow:
+    """The pass in which ``requests`` (placed in this order, none finished yet) run together.
+
+    ``model``: a :class:`~hybridpar.roofline.ModelShape` or the name of a preset. Raises
+    ``ValueError`` naming the fix for sizes the model or the layout cannot take.
+    """
+    shape = MODEL_PRESETS[model] if isinstance(model, str) else model
+    t, k = tensor_parallel_size, token_parallel_size
+    layout = compute_layout(t * k, tensor_parallel_size=t, token_parallel_size=k)
+    requests = tuple(requests)
+    if not requests:
+        raise ValueError("a pass needs at least one request")
+    if any(max_new_tokens <= r.generated for r in requests):
+        raise ValueError(f"max_new_tokens={max_new_tokens} must exceed every request's generated tokens "
+                         f"(a request with max_new_tokens generated has finished)")
+    heads = tuple(AttentionGeometry.from_config(shape, t, r) for r in range(t))
+    reservations = tuple(Request([0] * r.prompt_len, SamplingParams(max_new_tokens=max_new_tokens)).max_tokens
+                         for r in requests)
+    placement = tuple(place_all(list(reservations), k))
+    rows = tuple(placement[:i].count(rank) for i, rank in enumerate(placement))  # the engine's next free row
+    fb = TknpForwardBatch.build_placed(None, placement, rows, [r.cached_tokens for r in requests],
+                                       [r.new_tokens for r in requests])  # metadata only: no cache needed
+    plan, order = split_batch(fb, k)
+    return StepFlow(shape, t, k, requests, max_new_tokens, reservations, placement, rows, plan,
+                    tuple(order.tolist()), heads, layout, bytes_per_elem)
+
+
+def engine_requests(flow: StepFlow, vocab_size: int | None = None, seed: int = 0) -> tuple[list[Request], int]:
+    """A workload that brings :class:`~hybridpar.tknp.engine.TknpEngine` to ``flow``'s pass.
+
+    Returns the requests (random prompt ids, greedy, EOS ignored, ``flow.max_new_tokens`` each) and
+    the engine step at which the pass happens: a request that has ``generated`` tokens at step ``S``
+    arrived at step ``S - generated``. Every request arrives at the step at which it is admitted,
+    in the flow's order, so the engine places them exactly as :func:`step_flow` does.
+    """
+    rng = random.Random(seed)
+    vocab = vocab_size or flow.model.vocab_size
+    step = max(r.generated for r in flow.requests)
+    params = SamplingParams(max_new_tokens=flow.max_new_tokens, ignore_eos=True)
+    out = [Request([rng.randrange(vocab) for _ in range(r.prompt_len)], params, step - r.generated)
+           for r in flow.requests]
+    arrivals = [r.arrival_step for r in out]
+    if arrivals != sorted(arrivals):
+        raise ValueError("list the requests in arrival order (most generated tokens first) so that the engine "
+                         "admits them in the flow's order")
+    return out, step
+
+
+# --------------------------------------------------------------------------- frames
+@dataclass(frozen=True)
+class RankRow:
+    """One global rank in one stage: its coordinates, role, the requests it owns, what it holds and does."""
+
+    rank: int
+    tp_rank: int
+    tknp_rank: int
+    role: str  # "root" or "attention"
+    requests: tuple[int, ...]
+    holds: str
+    does: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class FlowFrame:
+    """One stage of the pass. ``tokens``: the request of every new token in the order this stage
+    holds them (``None``: no token strip); ``grouped``: whether that order is rank-grouped."""
+
+    stage: str
+    title: str
+    summary: str
+    tokens: tuple[int, ...] | None
+    grouped: bool
+    rows: tuple[RankRow, ...]
+
+
+def _shape(*dims: object) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def _rank_row(flow: StepFlow, rank: int, holds: str, does: str, active: bool) -> RankRow:
+    c = flow.layout.coords(rank)
+    return RankRow(rank, c["tp"], c["tknp"], "root" if c["tknp"] == 0 else "attention",
+                   tuple(flow.requests_on(c["tknp"])), holds, does, active)
+
+
+def flow_frames(flow: StepFlow) -> list[FlowFrame]:
+    """One :class:`FlowFrame` per stage of :data:`STAGES` (see the module docstring)."""
+    T, h, L, b = flow.num_tokens, flow.model.hidden_size, flow.model.num_layers, flow.bytes_per_elem
+    t = flow.tensor_parallel_size
+    sizes, kv = flow.split_sizes, flow.kv_tokens
+    batch, grouped = tuple(flow.token_requests()), tuple(flow.token_requests(grouped=True))
+    frames: list[FlowFrame] = []
+
+    def rows(describe) -> tuple[RankRow, ...]:
+        return tuple(_rank_row(flow, rank, *describe(flow.layout.coords(rank)))
+                     for rank in range(flow.layout.world_size))
+
+    def geom(c: dict[str, int]) -> AttentionGeometry:
+        return flow.heads[c["tp"]]
+
+    def sub(c: dict[str, int]) -> str:
+        sb = flow.plan.sub_batches[c["tknp"]]
+        reqs = flow.requests_on(c["tknp"])
+        if not reqs:
+            return "no request this pass"
+        parts = [f"r{i}: row {row}, {p} cached + {n} new" for i, row, p, n in
+                 zip(reqs, sb.req_pool_indices, sb.prefix_lens, sb.extend_lens)]
+        return "; ".join(parts)
+
+    def plan(c):
+        if c["tknp"] == 0:
+            return (f"hidden {_shape(T, h)}: all {len(flow.requests)} requests, {T} new tokens",
+                    f"places new requests by reserved KV tokens (reservations {list(flow.reservations)}); "
+                    f"broadcasts the StepPlan (split sizes {sizes}) to its TKNP group", True)
+        return (f"its sub-batch: {sub(c)}", "receives the StepPlan; builds its own ForwardBatch", True)
+
+    frames.append(FlowFrame("plan", STAGE_TITLES["plan"],
+                            f"{len(flow.requests)} requests, {T} new tokens; TKNP rank r owns the requests "
+                            f"of its colour. New tokens per TKNP rank: {sizes}; KV tokens per rank: {kv}.",
+                            batch, False, rows(plan)))
+
+    def qkv(c):
+        g = geom(c)
+        if c["tknp"] == 0:
+            return (f"q {_shape(T, g.num_heads, g.head_dim)}, k and v {_shape(T, g.num_kv_heads, g.head_dim)} "
+                    f"→ packed {_shape(T, g.packed_heads, g.head_dim)}",
+                    f"qkv_proj with its {g.num_heads} q / {g.num_kv_heads} KV heads (TP rank {c['tp']} of {t}); "
+                    f"concatenates [q | k | v] and reorders the tokens: packed[order]", True)
+        return ("nothing yet", "waits in the scatterv", False)
+
+    frames.append(FlowFrame("qkv", STAGE_TITLES["qkv"],
+                            f"Only the roots run the projections. The tokens are regrouped so that each rank's "
+                            f"are contiguous: order = {list(flow.order)}.", grouped, True, rows(qkv)))
+
+    def scatter(c):
+        g = geom(c)
+        n = sizes[c["tknp"]]
+        piece = f"packed {_shape(n, g.packed_heads, g.head_dim)}"
+        if c["tknp"] == 0:
+            return (f"keeps its own {piece}",
+                    f"sends {format_bytes(flow.scatter_bytes(c['tp']))} per layer to the other ranks", True)
+        return (f"receives {piece}", "unpacks q, k, v by head counts", n > 0)
+
+    frames.append(FlowFrame("scatter", STAGE_TITLES["scatter"],
+                            f"scatterv with split sizes {sizes}: the pieces differ in size because requests "
+                            f"do (a prefill brings all its prompt tokens, a decode one token).",
+                            grouped, True, rows(scatter)))
+
+    def attend(c):
+        g = geom(c)
+        n, r = sizes[c["tknp"]], c["tknp"]
+        return (f"o {_shape(n, g.num_heads, g.head_dim)}",
+                f"writes {n} new K/V rows into its cache, attends over {kv[r]} KV tokens: reads "
+                f"{format_bytes(flow.kv_read_bytes(r, c['tp']))} per layer", n > 0)
+
+    frames.append(FlowFrame("attend", STAGE_TITLES["attend"],
+                            "Every rank, the root included, attends only for its own requests, against the "
+                            "KV cache it alone holds. KV reads split by request, not by head.",
+                            grouped, True, rows(attend)))
+
+    def gather(c):
+        g = geom(c)
+        if c["tknp"] == 0:
+            return (f"o {_shape(T, g.num_heads, g.head_dim)}, back in batch order",
+                    f"receives {format_bytes(flow.gather_bytes(c['tp']))} per layer; out[order] = grouped", True)
+        return (f"sends o {_shape(sizes[c['tknp']], g.num_heads, g.head_dim)}", "gatherv to the root",
+                sizes[c["tknp"]] > 0)
+
+    frames.append(FlowFrame("gather", STAGE_TITLES["gather"],
+                            f"gatherv with the same split sizes {sizes}; the root undoes the regrouping.",
+                            batch, False, rows(gather)))
+
+    def rest(c):
+        if c["tknp"] == 0:
+            reduce = f", all-reduce over the {t} roots" if t > 1 else ""
+            return (f"hidden {_shape(T, h)}", f"o_proj{reduce}, MLP, next layer's QKV; after layer {L}: LM "
+                                              f"head and sampling for {len(flow.requests)} requests", True)
+        return ("its KV cache, no weights", f"idle until the next layer's scatterv ({L} layers: {L} scatters "
+                                            f"and {L} gathers per pass)", False)
+
+    frames.append(FlowFrame("rest", STAGE_TITLES["rest"],
+                            "The projections, the MLP and the LM head run on the roots alone: this part of the "
+                            "step does not shrink when TKNP ranks are added.", None, False, rows(rest)))
+    return frames
+
+
+# --------------------------------------------------------------------------- drawing
+_CELL = f"padding:0.15em 0.4em;border:1px solid #777;color:{TEXT_COLOR};font-family:monospace;white-space:nowrap"
+
+
+def _token_strip(flow: StepFlow, tokens: Sequence[int]) -> str:
+    """Runs of consecutive tokens of one request, one cell each, coloured by the request's TKNP rank."""
+    runs: list[list[int]] = []
+    for req in tokens:
+        if runs and runs[-1][0] == req:
+            runs[-1][1] += 1
+        else:
+            runs.append([req, 1])
+    cells = "".join(
+        f'<td style="{_CELL};background:{rank_color(flow.placement[req])}" '
+        f'title="request {req} on TKNP rank {flow.placement[req]}">r{req}{"" if n == 1 else f" ×{n}"}</td>'
+        for req, n in runs)
+    return f'<table style="border-collapse:collapse;margin:0.2em 0"><tr>{cells}</tr></table>'
+
+
+def frame_html(flow: StepFlow, frame: FlowFrame) -> str:
+    """One stage: its title and summary, the token strip, and a row per global rank."""
+    strip = ""
+    if frame.tokens is not None:
+        what = "grouped by owner rank" if frame.grouped else "in batch order"
+        strip = (f'<div style="font-size:0.85em">new tokens, {what}:</div>'
+                 f'<div style="overflow-x:auto">{_token_strip(flow, frame.tokens)}</div>')
+    head = "".join(f'<th style="text-align:left;padding:0 0.4em">{c}</th>'
+                   for c in ("rank", "tp", "tknp", "role", "requests", "holds", "does"))
+    body = []
+    for r in frame.rows:
+        style = f"background:{rank_color(r.tknp_rank)}" + ("" if r.active else ";opacity:0.55")
+        reqs = " ".join(f"r{i}" for i in r.requests) or "-"
+        cells = [str(r.rank), str(r.tp_rank), str(r.tknp_rank), r.role, reqs, r.holds, r.does]
+        body.append(f'<tr style="{style}">' + "".join(
+            f'<td style="padding:0.15em 0.4em;vertical-align:top;color:{TEXT_COLOR}">{html.escape(c)}</td>'
+            for c in cells) + "</tr>")
+    return (f'<div class="hybridpar-tknp-flow" style="color:{TEXT_COLOR};background:white;padding:0.4em;'
+            f'border:1px solid #ddd;border-radius:4px">'
+            f'<div><b>{html.escape(flow.label)}, {html.escape(flow.model.name)}: {html.escape(frame.title)}</b></div>'
+            f'<div style="font-size:0.9em;margin:0.2em 0">{html.escape(frame.summary)}</div>{strip}'
+            f'<div style="overflow-x:auto"><table style="border-collapse:collapse;font-size:0.85em">'
+            f'<tr>{head}</tr>{"".join(body)}</table></div>'
+            f'<div style="font-size:0.8em">Colour: the TKNP rank that owns a request; faded rows wait in this '
+            f'stage.</div></div>')
+
+
+def flow_html(flow: StepFlow, stage: str) -> str:
+    """The HTML of one stage of ``flow`` (for static pages)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    return frame_html(flow, flow_frames(flow)[STAGES.index(stage)])
+
+
+def tknp_flow_explorer(flows: Sequence[StepFlow] | None = None) -> ipywidgets.VBox:
+    """Every stage of every flow drawn in advance; a layout dropdown and a stage slider (with a play
+    button) are ``jslink``-ed to nested ``Stack`` widgets, so it works in the static book, with no kernel.
+
+    Default flows: the tiny model's :data:`DEFAULT_REQUESTS` under each of :data:`LAYOUTS`.
+    """
+    import ipywidgets as widgets
+
+    flows = list(flows) if flows is not None else [step_flow("tiny", t, k) for t, k in LAYOUTS]
+    style = {"description_width": "initial"}
+    pick = widgets.Dropdown(options=[f.label for f in flows], description="layout", style=style)
+    last = len(STAGES) - 1
+    slider = widgets.IntSlider(value=0, min=0, max=last, description="stage", style=style)
+    play = widgets.Play(value=0, min=0, max=last, interval=2000, description="play")
+    widgets.jslink((play, "value"), (slider, "value"))
+    per_flow = []
+    for flow in flows:
+        inner = widgets.Stack([widgets.HTML(frame_html(flow, f)) for f in flow_frames(flow)], selected_index=0)
+        widgets.jslink((slider, "value"), (inner, "selected_index"))
+        per_flow.append(inner)
+    outer = widgets.Stack(per_flow, selected_index=0)
+    widgets.jslink((pick, "index"), (outer, "selected_index"))
+    return widgets.VBox([widgets.HBox([pick, play, slider]), outer])
+
+
+def random_requests(num_requests: int, seed: int = 0, max_prompt: int = 32, decode_steps: int = 4,
+                    new_every: int = 3) -> tuple[FlowRequest, ...]:
+    """``num_requests`` requests with random prompt lengths; every ``new_every``-th arrives in this pass
+    (prefill), the others decode their ``decode_steps``-th token. Deterministic for a seed."""
+    rng = random.Random(seed)
+    reqs = [FlowRequest(rng.randint(1, max_prompt), 0 if (i + 1) % new_every == 0 else decode_steps)
+            for i in range(num_requests)]
+    return tuple(sorted(reqs, key=lambda r: -r.generated))  # arrival order: the oldest first
+
+
+def tknp_flow_widget(model: str = "tiny", tensor_parallel_size: int = 1, token_parallel_size: int = 2,
+                     num_requests: int = 6, seed: int = 0) -> ipywidgets.VBox:
+    """Controls for the model, TP and TKNP sizes, the batch (size and seed) and the stage; redraws in a
+    Python callback (needs a kernel: in the static book it shows its initial view)."""
+    import ipywidgets as widgets
+
+    style = {"description_width": "initial"}
+    model_w = widgets.Dropdown(options=sorted(MODEL_PRESETS), value=model, description="model", style=style)
+    tp_w = widgets.ToggleButtons(options=[1, 2, 4], value=tensor_parallel_size, description="TP", style=style)
+    tknp_w = widgets.ToggleButtons(options=[1, 2, 3, 4], value=token_parallel_size, description="TKNP", style=style)
+    n_w = widgets.IntSlider(value=num_requests, min=1, max=12, description="requests", style=style)
+    seed_w = widgets.IntSlider(value=seed, min=0, max=20, description="seed", style=style)
+    stage_w = widgets.SelectionSlider(options=list(STAGES), value=STAGES[0], description="stage", style=style)
+    out = widgets.HTML()
+
+    def update(_change: object = None) -> None:
+        try:
+            flow = step_flow(model_w.value, tp_w.value, tknp_w.value, random_requests(n_w.value, seed_w.value))
+        except ValueError as err:
+            out.value = f"<p><b>Not a valid setting:</b> {html.escape(str(err))}</p>"
+            return
+        out.value = flow_html(flow, stage_w.value)
+
+    for control in (model_w, tp_w, tknp_w, n_w, seed_w, stage_w):
+        control.observe(update, names="value")
+    update()
+    return widgets.VBox([widgets.HBox([model_w, tp_w, tknp_w]), widgets.HBox([n_w, seed_w]), stage_w, out])
