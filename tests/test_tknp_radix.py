@@ -18,10 +18,9 @@ from hybridpar.distributed.launcher import launch
 from hybridpar.models.config import ModelConfig
 from hybridpar.models.default_checkpoint import resolve_model
 from hybridpar.radix.mem_pool import max_tokens_for_budget
-from hybridpar.radix.workload import SharedPrefixWorkload
 from hybridpar.tknp.attention import AttentionGeometry
 from hybridpar.tknp.memory import decoder_param_bytes
-from hybridpar.tknp.verify import hf_logits
+from hybridpar.tknp.verify import default_paged_workload, hf_logits
 from tests.tknp_radix_workers import serve_radix_layouts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,17 +30,13 @@ LAYOUTS = [(1, 2), (2, 2)]
 PAGE = 8
 MAX_SEQ_LEN = 64
 BUDGET = {1: 700_000, 2: 500_000}  # per rank: weights + KV
-REQUESTS = SharedPrefixWorkload(num_groups=2, prompts_per_group=3, system_len=24, question_len=5, output_len=4,
-                                seed=3).requests(shuffle=True)
-PROMPTS = [r.prompt_ids for r in REQUESTS]
-MAX_NEW = [2 + i % 4 for i in range(len(PROMPTS))]
-ARRIVALS = [0, 0, 1, 2, 4, 5]
+WORKLOAD = default_paged_workload()  # 2 groups x 3 prompts sharing a 24-token system prompt, staggered
 
 
 @functools.cache
 def _launch() -> list[dict]:
-    return launch(serve_radix_layouts, 4, LAYOUTS, MODEL, BUDGET, MAX_SEQ_LEN, PROMPTS, MAX_NEW, ARRIVALS, PAGE,
-                  backend="gloo", timeout=300)
+    return launch(serve_radix_layouts, 4, LAYOUTS, MODEL, BUDGET, MAX_SEQ_LEN, WORKLOAD, PAGE, backend="gloo",
+                  timeout=300)
 
 
 @pytest.mark.parametrize("tp,tknp", LAYOUTS, ids=["tknp2", "tp2xtknp2"])
@@ -52,7 +47,7 @@ def test_paged_tknp_matches_tp_only_and_transformers(tp, tknp):
     for name in ("together", "joining"):
         assert all(r[name]["outputs"] == leader["reference"] for r in roots), name
         assert set(leader[name]["placement"]) == set(range(tknp))  # requests spread over the ranks
-    for prompt, out in zip(PROMPTS, leader["reference"]):
+    for prompt, out in zip(WORKLOAD.prompts, leader["reference"]):
         assert hf_logits(MODEL, prompt, out).argmax(-1).tolist() == out
     # the first run left each rank's prompts in its own tree: the second run hits them
     assert sum(leader["joining"]["cached"]) > 0 and sum(leader["together"]["cached"]) == 0

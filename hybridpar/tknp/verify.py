@@ -6,10 +6,13 @@
 Every rank is started by ``hybridpar.launch``. The roots serve two workloads with token
 parallelism (a batch of prompts of different lengths, and requests that join and finish
 mid-run), release the workers, then serve the same workloads again with token parallelism
-disabled (one local cache, fewer rows, so some requests wait): the TP-only reference. The
-parent compares tokens and logits of the two, and with transformers' model on the same
-checkpoint (fp32, CPU), then prints a table and one JSON line (``{"ok": ..., ...}``). Exit
-status 0 when everything matches.
+disabled (one local cache, fewer rows, so some requests wait): the TP-only reference. Then the
+same with RadixAttention: :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler` (a paged pool
+and a radix tree per TKNP rank) on a shared-prefix workload, against a plain TPScheduler; the
+workers' mirror pools must equal the root's bookkeeping. The parent compares tokens (and, for
+the contiguous engine, logits) of the two, and with transformers' model on the same checkpoint
+(fp32, CPU), then prints a table and one JSON line (``{"ok": ..., ...}``). Exit status 0 when
+everything matches.
 """
 
 from __future__ import annotations
@@ -93,8 +96,64 @@ def verify_rank(setup: TknpSetup, workloads: Sequence[Workload], reference_rows:
     return res
 
 
-def _verify_models(models: Sequence[str], setup: TknpSetup, workloads: Sequence[Workload]) -> dict[str, Any]:
-    return {name: verify_rank(replace(setup, model_name=name), workloads) for name in models}
+@dataclass(frozen=True)
+class PagedWorkload:
+    """Requests for the paged (RadixAttention) check: prompts sharing system prefixes, staggered arrivals."""
+
+    prompts: list[list[int]]
+    max_new_tokens: list[int]
+    arrival_steps: list[int]
+
+
+def default_paged_workload() -> PagedWorkload:
+    """2 groups x 3 prompts sharing a 24-token system prompt, 2..5 new tokens, arriving over 6 steps."""
+    from hybridpar.radix.workload import SharedPrefixWorkload
+
+    reqs = SharedPrefixWorkload(num_groups=2, prompts_per_group=3, system_len=24, question_len=5, output_len=4,
+                                seed=3).requests(shuffle=True)
+    return PagedWorkload([r.prompt_ids for r in reqs], [2 + i % 4 for i in range(len(reqs))], [0, 0, 1, 2, 4, 5])
+
+
+def verify_paged_rank(setup: TknpSetup, workload: PagedWorkload, page_size: int = 8) -> dict[str, Any]:
+    """Every rank. Roots serve ``workload`` twice with a :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`
+    (all at once, then arriving over time: the second run hits what the first left in each rank's radix
+    tree), release the workers, then serve it with a plain TPScheduler (the TP-only reference). Workers
+    attend on their paged pool and report their mirror's digest."""
+    from hybridpar.radix.scheduler import TPScheduler
+    from hybridpar.tknp.runner import build_paged_worker, build_tknp_scheduler
+
+    def submit(sched: TPScheduler, arrivals: Sequence[int]) -> None:
+        for ids, n, a in zip(workload.prompts, workload.max_new_tokens, arrivals):
+            sched.add_request(ids, sampling=SamplingParams(max_new_tokens=n, ignore_eos=True), arrival_step=a)
+
+    ensure_groups(setup)
+    if not is_tknp_root():
+        worker = build_paged_worker(setup, page_size=page_size)
+        stats = worker.serve()
+        return {"role": "attention", "stats": stats.to_dict(), "digest": worker.pool_digest(),
+                "capacity": worker.capacity, "parameter_objects": parameter_objects_alive()}
+    sched = build_tknp_scheduler(setup, page_size=page_size, debug_checks=True)
+    out: dict[str, Any] = {"role": "root", "capacities": sched.capacities, "pool_tokens": sched.allocator.size}
+    try:
+        for name, arrivals in (("together", [0] * len(workload.prompts)), ("joining", workload.arrival_steps)):
+            submit(sched, arrivals)
+            res = sched.process_requests()
+            out[name] = {"outputs": [r.output_ids for r in res.values()], "cached": [r.cached_tokens for r in res.values()],
+                         "placement": [sched.placement.get(rid) for rid in res]}
+        out["digests"] = sched.rank_digests() if sched.is_leader else None
+    finally:
+        sched.shutdown()
+    plain = TPScheduler(sched.wrapper, max_total_tokens=4096, max_running_requests=len(workload.prompts))
+    submit(plain, workload.arrival_steps)
+    out["reference"] = [r.output_ids for r in plain.process_requests().values()]
+    out["parameter_objects"] = parameter_objects_alive()  # the root's model is still alive here
+    return out
+
+
+def _verify_models(models: Sequence[str], setup: TknpSetup, workloads: Sequence[Workload],
+                   paged: PagedWorkload) -> dict[str, Any]:
+    return {name: (verify_rank(replace(setup, model_name=name), workloads),
+                   verify_paged_rank(replace(setup, model_name=name), paged)) for name in models}
 
 
 @functools.cache
@@ -130,7 +189,7 @@ class CheckRow:
     tknp_rank: int
     tokens: int
     same_tokens_as_tp: bool
-    max_diff_tp: float
+    max_diff_tp: float | None  # None for the paged scheduler (it returns tokens only)
     same_tokens_as_hf: bool | None = None
     max_diff_hf: float | None = None
 
@@ -149,7 +208,7 @@ class VerifyResult:
         return {"ok": self.ok, "tensor_parallel_size": self.setup.tensor_parallel_size,
                 "token_parallel_size": self.setup.token_parallel_size, "backend": self.backend,
                 "requests": len(self.rows), "tokens_identical": all(r.same_tokens_as_tp for r in self.rows),
-                "max_abs_logit_diff_tp": max(r.max_diff_tp for r in self.rows),
+                "max_abs_logit_diff_tp": max(r.max_diff_tp for r in self.rows if r.max_diff_tp is not None),
                 "max_abs_logit_diff_hf": max(hf) if hf else None, "ranks": self.ranks,
                 "seconds": round(self.seconds, 2)}
 
@@ -161,41 +220,65 @@ def verify(models: Sequence[str] = DEFAULT_MODELS, tensor_parallel_size: int = 1
     from hybridpar.distributed.launcher import resolve_backend
 
     setup = TknpSetup(tensor_parallel_size=tensor_parallel_size, token_parallel_size=token_parallel_size,
-                      max_seq_len=max_seq_len)
-    workloads = default_workloads()
+                      max_seq_len=max_seq_len, max_requests_per_rank=4)
+    workloads, paged = default_workloads(), default_paged_workload()
     backend = resolve_backend(backend, tensor_parallel_size * token_parallel_size)
     check_models(models, tensor_parallel_size)
     start = time.perf_counter()
-    per_rank = launch(_verify_models, tensor_parallel_size * token_parallel_size, models, setup, workloads,
+    per_rank = launch(_verify_models, tensor_parallel_size * token_parallel_size, models, setup, workloads, paged,
                       backend=backend, timeout=timeout)
     result = VerifyResult(True, setup, backend, seconds=time.perf_counter() - start)
-    roots = per_rank[:tensor_parallel_size]
+    tp = tensor_parallel_size
     for name in models:
-        root = roots[0][name]
-        for rank, r in enumerate(per_rank):
-            m = r[name]
-            result.ranks.append({"model": name, "rank": rank, "role": m["role"],
-                                 "param_bytes": m.get("param_bytes", 0),
-                                 "kv_tokens": (m["capacities"][0] if m["role"] == "root" else m["capacity"]).num_tokens,
+        contiguous = [r[name][0] for r in per_rank]
+        radix = [r[name][1] for r in per_rank]
+        _check_contiguous(result, name, contiguous[:tp], workloads, compare_hf, atol)
+        _check_paged(result, name, radix, paged, tp, compare_hf)
+        for rank, (m, p) in enumerate(zip(contiguous, radix)):
+            worker = m["role"] == "attention"
+            result.ranks.append({"model": name, "rank": rank, "role": m["role"], "param_bytes": m.get("param_bytes", 0),
+                                 "kv_tokens": (m["capacity"] if worker else m["capacities"][0]).num_tokens,
+                                 "paged_kv_tokens": p["capacity"].num_tokens if worker else p["pool_tokens"],
                                  "parameter_objects": m["parameter_objects"]})
-            if m["role"] == "attention" and m["parameter_objects"] != 0:
-                result.ok = False
-        for w in workloads:
-            for other in roots[1:]:  # every root of the TP group produced the same tokens
-                result.ok &= [o["tokens"] for o in other[name]["outputs"][w.name]] == \
-                             [o["tokens"] for o in root["outputs"][w.name]]
-            for i, (got, ref, req) in enumerate(zip(root["outputs"][w.name], root["reference"][w.name], w.requests)):
-                row = CheckRow(name, w.name, i, got["rank"], len(got["tokens"]), got["tokens"] == ref["tokens"],
-                               float((got["logits"] - ref["logits"]).abs().max()) if got["tokens"] == ref["tokens"]
-                               else float("inf"))
-                if compare_hf:
-                    hf = hf_logits(name, req.prompt_ids, got["tokens"])
-                    row.same_tokens_as_hf = hf.argmax(-1).tolist() == got["tokens"]
-                    row.max_diff_hf = float((got["logits"] - hf).abs().max())
-                result.ok &= row.same_tokens_as_tp and row.max_diff_tp <= atol
-                result.ok &= compare_hf is False or (row.same_tokens_as_hf and row.max_diff_hf <= atol)
-                result.rows.append(row)
+            result.ok &= not worker or (m["parameter_objects"] == 0 and p["parameter_objects"] == 0)
     return result
+
+
+def _check_contiguous(result: VerifyResult, name: str, roots: list[dict], workloads: Sequence[Workload],
+                      compare_hf: bool, atol: float) -> None:
+    """TKNP engine vs the TP-only engine on the same roots (tokens + logits), and vs transformers."""
+    root = roots[0]
+    for w in workloads:
+        for other in roots[1:]:  # every root of the TP group produced the same tokens
+            result.ok &= [o["tokens"] for o in other["outputs"][w.name]] == [o["tokens"] for o in root["outputs"][w.name]]
+        for i, (got, ref, req) in enumerate(zip(root["outputs"][w.name], root["reference"][w.name], w.requests)):
+            same = got["tokens"] == ref["tokens"]
+            row = CheckRow(name, w.name, i, got["rank"], len(got["tokens"]), same,
+                           float((got["logits"] - ref["logits"]).abs().max()) if same else float("inf"))
+            if compare_hf:
+                hf = hf_logits(name, req.prompt_ids, got["tokens"])
+                row.same_tokens_as_hf = hf.argmax(-1).tolist() == got["tokens"]
+                row.max_diff_hf = float((got["logits"] - hf).abs().max())
+            result.ok &= row.same_tokens_as_tp and row.max_diff_tp <= atol
+            result.ok &= not compare_hf or (row.same_tokens_as_hf and row.max_diff_hf <= atol)
+            result.rows.append(row)
+
+
+def _check_paged(result: VerifyResult, name: str, ranks: list[dict], paged: PagedWorkload, tp: int,
+                 compare_hf: bool) -> None:
+    """TknpScheduler vs TPScheduler (tokens), vs transformers (argmax), and worker mirrors vs root bookkeeping."""
+    roots = ranks[:tp]
+    leader = roots[0]
+    for run in ("together", "joining"):
+        result.ok &= all(r[run]["outputs"] == leader["reference"] for r in roots)
+        for i, (got, ref, prompt) in enumerate(zip(leader[run]["outputs"], leader["reference"], paged.prompts)):
+            row = CheckRow(name, f"radix-{run}", i, leader[run]["placement"][i], len(got), got == ref, None)
+            if compare_hf:
+                row.same_tokens_as_hf = hf_logits(name, prompt, got).argmax(-1).tolist() == got
+                result.ok &= row.same_tokens_as_hf
+            result.rows.append(row)
+    for i, r in enumerate(ranks[tp:], start=tp):
+        result.ok &= r["digest"] == leader["digests"][i // tp]
 
 
 def format_result(result: VerifyResult) -> str:
@@ -203,17 +286,19 @@ def format_result(result: VerifyResult) -> str:
     tp_name = "TP 1" if s.tensor_parallel_size == 1 else f"TP {s.tensor_parallel_size}"
     lines = [f"TKNP {s.token_parallel_size} x TP {s.tensor_parallel_size} on {result.backend} versus {tp_name} "
              f"(token parallelism off) and transformers",
-             f"{'model':<12} {'workload':<8} {'req':>3} {'rank':>4} {'tokens':>6} {'same as TP':>10} "
+             f"{'model':<12} {'workload':<14} {'req':>3} {'rank':>4} {'tokens':>6} {'same as TP':>10} "
              f"{'max|dlogit| TP':>14} {'same as HF':>10} {'max|dlogit| HF':>14}"]
     for r in result.rows:
         hf_same = "-" if r.same_tokens_as_hf is None else ("yes" if r.same_tokens_as_hf else "NO")
         hf_diff = "-" if r.max_diff_hf is None else f"{r.max_diff_hf:.2e}"
-        lines.append(f"{r.model:<12} {r.workload:<8} {r.request:>3} {r.tknp_rank:>4} {r.tokens:>6} "
-                     f"{'yes' if r.same_tokens_as_tp else 'NO':>10} {r.max_diff_tp:>14.2e} {hf_same:>10} {hf_diff:>14}")
-    lines.append(f"{'model':<12} {'rank':>4} {'role':<10} {'weights (B)':>12} {'KV tokens':>10} {'nn.Parameters':>13}")
+        tp_diff = "-" if r.max_diff_tp is None else f"{r.max_diff_tp:.2e}"
+        lines.append(f"{r.model:<12} {r.workload:<14} {r.request:>3} {r.tknp_rank:>4} {r.tokens:>6} "
+                     f"{'yes' if r.same_tokens_as_tp else 'NO':>10} {tp_diff:>14} {hf_same:>10} {hf_diff:>14}")
+    lines.append(f"{'model':<12} {'rank':>4} {'role':<10} {'weights (B)':>12} {'KV tokens':>10} {'paged KV':>9} "
+                 f"{'nn.Parameters':>13}")
     for r in result.ranks:
         lines.append(f"{r['model']:<12} {r['rank']:>4} {r['role']:<10} {r['param_bytes']:>12,} {r['kv_tokens']:>10,} "
-                     f"{r['parameter_objects']:>13}")
+                     f"{r['paged_kv_tokens']:>9,} {r['parameter_objects']:>13}")
     lines.append("OK: token parallelism matches" if result.ok else "FAILED: token parallelism does not match")
     return "\n".join(lines)
 
