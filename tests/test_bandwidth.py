@@ -86,3 +86,15 @@ def test_cli_under_torchrun():
 def test_sweep_on_two_gpus():
     results = all_reduce_sweep([2**20, 2**24], nprocs=2, backend="nccl", iters=5)
     assert all(r.backend == "nccl" and r.busbw > 0 for r in results)
+
+
+def test_plot_bandwidth():
+    from hybridpar.viz.bandwidth_plot import plot_bandwidth
+
+    results = [BandwidthResult("all_reduce", "gloo", 4, 2**k, 1e-4 + 2**k / 1e9) for k in (10, 14, 18)]
+    ax = plot_bandwidth(results)
+    busbw, algbw = ax.get_lines()
+    assert list(busbw.get_ydata()) == pytest.approx([r.busbw / 1e9 for r in results])
+    assert list(algbw.get_ydata()) == pytest.approx([r.algbw / 1e9 for r in results])
+    with pytest.raises(ValueError, match="no results"):
+        plot_bandwidth([])

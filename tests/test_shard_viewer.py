@@ -108,7 +108,8 @@ def test_qkv_replication_and_padding():
     k_heads = [b for b in smap.blocks if b.label.startswith("k head")]
     assert [b.ranks for b in k_heads] == [(0, 1, 2, 3), (4, 5, 6, 7)]
     assert describe(smap, 1) == "q head 1; k head 0 (also on ranks 0, 2, 3); v head 0 (also on ranks 0, 2, 3)"
-    assert describe(shard_map("qkv", 4, EXAMPLE_MODEL), 3) == "q heads 6-7; k head 1 (also on rank 2); v head 1 (also on rank 2)"
+    four = shard_map("qkv", 4, EXAMPLE_MODEL)
+    assert describe(four, 3) == "q heads 6-7; k head 1 (also on rank 2); v head 1 (also on rank 2)"
     assert shard_map("qkv", 2, EXAMPLE_MODEL).local_shape(1) == ((4 + 2) * 64, 512)
     vocab = shard_map("vocab", 4, SMALL)  # 259 rows padded to 512: rank 3 holds only padding
     assert vocab.padded_rows == 512 and all(b.padding for b in vocab.blocks_of(3))

@@ -119,7 +119,8 @@ def _all_reduce_sweep_worker(sizes: Sequence[int], iters: int, warmup: int) -> l
 def _check_sweep(sizes: Sequence[int], iters: int, warmup: int) -> list[int]:
     sizes = [int(s) for s in sizes]
     if not sizes or any(s < 4 or s % 4 for s in sizes):
-        raise ValueError(f"sizes must be a non-empty list of byte counts that are multiples of 4 (float32), got {sizes}")
+        raise ValueError(f"sizes must be a non-empty list of byte counts that are multiples of 4 (float32), "
+                         f"got {sizes}")
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters must be >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     return sizes
@@ -157,7 +158,8 @@ def format_results(results: Sequence[BandwidthResult]) -> str:
     lines = [f"{first.collective} on {first.world_size} ranks ({first.backend})",
              f"{'size':>10} {'time (us)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}"]
     for r in results:
-        lines.append(f"{format_size(r.size_bytes):>10} {r.seconds * 1e6:>11.1f} {r.algbw / 1e9:>13.3f} {r.busbw / 1e9:>13.3f}")
+        lines.append(f"{format_size(r.size_bytes):>10} {r.seconds * 1e6:>11.1f} "
+                     f"{r.algbw / 1e9:>13.3f} {r.busbw / 1e9:>13.3f}")
     return "\n".join(lines)
 
 
@@ -172,10 +174,14 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Time all-reduce over a range of sizes (bus bandwidth, like nccl-tests).")
-    parser.add_argument("-b", "--min-bytes", type=parse_size, default=DEFAULT_SIZES[0], help="smallest size (default 1K)")
-    parser.add_argument("-e", "--max-bytes", type=parse_size, default=DEFAULT_SIZES[-1], help="largest size (default 16M)")
-    parser.add_argument("-f", "--factor", type=int, default=4, help="multiply the size by this between steps (default 4)")
+    parser = argparse.ArgumentParser(
+        description="Time all-reduce over a range of sizes (bus bandwidth, like nccl-tests).")
+    parser.add_argument("-b", "--min-bytes", type=parse_size, default=DEFAULT_SIZES[0],
+                        help="smallest size (default 1K)")
+    parser.add_argument("-e", "--max-bytes", type=parse_size, default=DEFAULT_SIZES[-1],
+                        help="largest size (default 16M)")
+    parser.add_argument("-f", "--factor", type=int, default=4,
+                        help="multiply the size by this between steps (default 4)")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per size (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     parser.add_argument("--nprocs", type=int, default=2, help="ranks to start (ignored under torchrun)")

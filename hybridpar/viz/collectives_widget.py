@@ -216,7 +216,8 @@ def frame_html(frame: CollectiveFrame, chunk: int = 2, title: str | None = None)
         f'<table style="border-collapse:separate;border-spacing:0 0.2em">'
         f'<tr><th></th><th style="text-align:left">before</th><th></th><th style="text-align:left">after</th></tr>'
         f'{"".join(rows)}</table>'
-        f'<div style="font-size:0.85em">call: <code>{html.escape(call)}</code>; used for: {html.escape(use)}. '
+        f'<div style="font-size:0.85em">call: <code style="color:inherit;background:none">{html.escape(call)}</code>; '
+        f"used for: {html.escape(use)}. "
         f"Colour: the rank an element came from; stripes: a sum over all ranks.</div></div>"
     )
 

@@ -107,7 +107,8 @@ class ShardMap:
 def _head_blocks(section: str, offset: int, num_heads: int, head_dim: int, hidden: int,
                  owners: dict[int, list[int]]) -> list[Block]:
     return [
-        Block((offset + h * head_dim, offset + (h + 1) * head_dim), (0, hidden), tuple(owners[h]), f"{section} head {h}")
+        Block((offset + h * head_dim, offset + (h + 1) * head_dim), (0, hidden), tuple(owners[h]),
+              f"{section} head {h}")
         for h in range(num_heads)
     ]
 
