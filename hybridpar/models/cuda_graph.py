@@ -35,6 +35,7 @@ Two front ends fill the buffers from a cache:
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Sequence
 
 import torch
@@ -89,6 +90,7 @@ class DecodeGraphRunner:
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self._pool = None
         self.captures = 0
+        self.capture_seconds = 0.0  # wall time spent capturing (one-time cost, for benchmarks to report)
 
     def bucket(self, batch_size: int, max_len: int) -> tuple[int, int]:
         """The ``(Bb, Lb)`` bucket of a step of ``batch_size`` requests whose longest has ``max_len`` tokens."""
@@ -140,6 +142,7 @@ class DecodeGraphRunner:
 
     def _capture(self, key: tuple[int, int]) -> None:
         """Warm up (cuBLAS handles, NCCL communicators) on a side stream, then record the step."""
+        start = time.perf_counter()
         torch.cuda.synchronize(self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -153,6 +156,8 @@ class DecodeGraphRunner:
         self._pool = graph.pool()
         self.graphs[key] = graph
         self.captures += 1
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - start
 
 
 class ContiguousDecodeRunner:

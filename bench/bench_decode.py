@@ -1,0 +1,157 @@
+"""Decode-step latency on one GPU against the HBM roofline, for batch 1 .. 128.
+
+For each model shape (random bf16 weights drawn on the GPU) and batch size ``B``, every request
+has ``--context`` tokens of KV (random values: timing does not depend on them) and the step adds
+one token to each. Three ways to run the same step, each timed as the median of ``--iters``
+steps with CUDA events, the host's work included (input preparation, greedy argmax, copying the
+``B`` token ids back):
+
+* ``reference``: the model's forward over :class:`~hybridpar.models.attention_backend.ContiguousKVCache`
+  (what ``generate`` did before the fast path; kernels launched one by one from Python);
+* ``static``: the batched static decode path of :mod:`hybridpar.models.cuda_graph`, eager;
+* ``graph``: the same, replayed from a CUDA graph (``use_cuda_graph=True``).
+
+The roofline step reads every weight once and every request's KV once:
+``t_roof = (weight bytes + B * context * KV bytes per token) / bandwidth``, with the bandwidth
+measured here by a device-to-device copy. ``fraction = t_roof / t``.
+
+    python bench/bench_decode.py                          # GPU: qwen2.5-0.5b-shape, llama-7b-shape
+    python bench/bench_decode.py --cpu                    # miniature: tiny models, fp32, CPU
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch
+
+from hybridpar import launch
+from hybridpar.bench import bench_env, build_model, copy_bandwidth, format_table, median, time_fn, write_results
+from hybridpar.distributed.launcher import current_device
+from hybridpar.distributed.parallel_state import get_tp_group, initialize_tensor_parallel
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters (a tied embedding counted once)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    return 2 * c.num_layers * model.num_kv_heads_per_rank * c.head_dim * model.dtype.itemsize
+
+
+def fill_random_(buffers: list[torch.Tensor]) -> None:
+    for b in buffers:
+        b.normal_()
+
+
+def decode_step_fns(model, batch: int, context: int, modes: list[str]) -> dict:
+    """One callable per mode running a decode step of ``batch`` requests at ``context`` tokens."""
+    from hybridpar.models.attention_backend import ForwardBatch
+    from hybridpar.models.cuda_graph import ContiguousDecodeRunner
+
+    device = model.lm_head.weight.device
+    ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)
+    fns = {}
+    keep = []
+    if "reference" in modes:
+        cache = model.make_kv_cache(batch, context)
+        fill_random_(cache.k_buffer + cache.v_buffer)
+        rows = cache.alloc(batch)
+
+        def reference(cache=cache, rows=rows) -> list[int]:
+            fb = ForwardBatch.build(cache, rows, [context - 1] * batch, [1] * batch, device)
+            logits = model.compute_logits(model(ids, fb.positions, fb))
+            return logits.argmax(-1).tolist()
+
+        fns["reference"] = reference
+        keep.append(cache)
+    for mode in ("static", "graph"):
+        if mode not in modes:
+            continue
+        runner = ContiguousDecodeRunner(model, batch, context, use_cuda_graph=(mode == "graph"))
+        fill_random_(runner.cache.k_buffer + runner.cache.v_buffer)
+        rows = runner.cache.alloc(batch)
+        lens = [context] * batch
+
+        def step(runner=runner, rows=rows, lens=lens) -> list[int]:
+            return runner.decode(rows, lens, ids).argmax(-1).tolist()
+
+        fns[mode] = step
+        keep.append(runner)
+    return fns, keep
+
+
+def worker(models: list[str], batches: list[int], context: int, iters: int, modes: list[str], dtype_name: str,
+           copy_bytes: int) -> dict:
+    initialize_tensor_parallel(1)
+    device = current_device()
+    dtype = getattr(torch, dtype_name)
+    bandwidth = copy_bandwidth(device, copy_bytes)
+    rows = []
+    for name in models:
+        model = build_model(name, device, dtype, get_tp_group())
+        wbytes, kv_tok = param_bytes(model), kv_bytes_per_token(model)
+        for batch in batches:
+            fns, keep = decode_step_fns(model, batch, context, modes)
+            kv = batch * context * kv_tok
+            roof = (wbytes + kv) / bandwidth
+            row = {"model": name, "batch": batch, "context": context, "weight_bytes": wbytes, "kv_bytes": kv,
+                   "roofline_s": roof}
+            with torch.no_grad():
+                for mode, fn in fns.items():
+                    t = median(time_fn(fn, device, iters=iters, warmup=3))
+                    row[f"{mode}_s"] = t
+                    row[f"{mode}_tok_s"] = batch / t
+                    row[f"{mode}_roofline_frac"] = roof / t
+            rows.append(row)
+            del fns, keep
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"copy_bandwidth": bandwidth, "context": context, "dtype": dtype_name, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cpu", action="store_true", help="miniature: qwen2-tiny and llama-tiny, fp32, gloo, CPU")
+    p.add_argument("--models", nargs="*", default=None)
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 128])
+    p.add_argument("--context", type=int, default=256, help="KV tokens per request after the step")
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--modes", nargs="*", default=["reference", "static", "graph"])
+    args = p.parse_args(argv)
+    if args.cpu:
+        models = args.models or ["qwen2-tiny", "llama-tiny"]
+        batches, context, iters, dtype, backend = [1, 8], min(args.context, 64), 5, "float32", "gloo"
+        modes, copy_bytes = [m for m in args.modes if m != "graph"], 64 << 20
+    else:
+        if not torch.cuda.is_available():
+            p.error("no GPU: use --cpu for the miniature")
+        models = args.models or ["qwen2.5-0.5b-shape", "llama-7b-shape"]
+        batches, context, iters, dtype, backend = args.batches, args.context, args.iters, "bfloat16", "nccl"
+        modes, copy_bytes = args.modes, 4 << 30
+    res = launch(worker, 1, models, batches, context, iters, modes, dtype, copy_bytes, backend=backend,
+                 timeout=1200)[0]
+    print(f"decode step, context {context}, {dtype}; copy bandwidth {res['copy_bandwidth'] / 1e12:.2f} TB/s")
+    for r in res["rows"]:
+        r["roofline_ms"] = f"{r['roofline_s'] * 1e3:.3f}"
+        for m in modes:
+            r[f"{m}_ms"] = r[f"{m}_s"] * 1e3
+    cols = [("model", "model", ""), ("batch", "B", "d"), ("roofline_ms", "roof ms", "")]
+    for m in modes:
+        cols += [(f"{m}_ms", f"{m} ms", ".3f"), (f"{m}_tok_s", "tok/s", ".0f"), (f"{m}_roofline_frac", "of roof", ".2f")]
+    print(format_table(res["rows"], cols))
+    path = write_results("decode", res, bench_env("cpu" if args.cpu else None))
+    print(f"wrote {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,182 @@
+"""RadixAttention: prefix-cache hit rate, prefill work, TTFT and throughput on shared-prefix workloads.
+
+SGLang's generated-shared-prefix benchmark: ``G`` groups x ``P`` prompts, each a group's system
+prompt of ``S`` tokens plus its own ``Q``-token question, ``O`` output tokens each
+(:class:`~hybridpar.radix.workload.SharedPrefixWorkload`). All requests arrive at once and are
+served by :class:`~hybridpar.radix.scheduler.TPScheduler` (continuous batching, CUDA graphs on a
+GPU) in these configurations:
+
+==========  ==========  =================  ======================================
+cache       policy      arrival            what it shows
+==========  ==========  =================  ======================================
+off         fcfs        ordered            the baseline: every prompt computed
+on          fcfs/lpm    ordered/shuffled   reuse, and whether the order matters
+==========  ==========  =================  ======================================
+
+plus a *no-sharing* workload (``S = 0``, questions of ``S + Q`` tokens), cache on and off, where
+the tree can only cost time. Reported per run: hit rate (cached prompt tokens / prompt tokens)
+against the best any schedule can reach, prefill tokens computed, TTFT p50/p90, total tokens/s,
+and the wall time spent inside radix-tree operations (``match_prefix``, ``insert``, ``evict``,
+lock changes, ``cache_*_req``; outermost calls timed) as a share of the run.
+
+    python bench/bench_radix.py                          # GPU: qwen2.5-0.5b-shape, 16 x 16 x 2048 / 128 / 64
+    python bench/bench_radix.py --groups 64 --outputs 256  # SGLang's defaults (takes minutes)
+    python bench/bench_radix.py --cpu                    # miniature: qwen2-tiny, 4 x 4 x 64 / 8 / 8
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch
+
+from hybridpar import launch
+from hybridpar.bench import ModelHandle, bench_env, build_model, format_table, write_results
+from hybridpar.distributed.launcher import current_device
+from hybridpar.distributed.parallel_state import get_tp_group, initialize_tensor_parallel
+from hybridpar.radix.radix_cache import RadixCache
+from hybridpar.radix.workload import SharedPrefixWorkload
+
+TREE_OPS = ("match_prefix", "match_prefix_for_req", "insert", "evict", "inc_lock_ref", "dec_lock_ref",
+            "cache_finished_req", "cache_unfinished_req")
+
+
+class TreeTimer:
+    """Patches :class:`RadixCache`'s operations to add their wall time to ``seconds`` (outermost calls only)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.calls, self._depth, self._saved = 0.0, 0, 0, {}
+
+    def __enter__(self) -> TreeTimer:
+        for name in TREE_OPS:
+            original = getattr(RadixCache, name)
+            self._saved[name] = original
+            setattr(RadixCache, name, self._wrap(original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved.items():
+            setattr(RadixCache, name, original)
+
+    def _wrap(self, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - start
+                    self.calls += 1
+        return timed
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def serve(handle: ModelHandle, workload: SharedPrefixWorkload, shuffle: bool, **overrides) -> dict:
+    from hybridpar.models.sampling import SamplingParams
+    from hybridpar.radix.scheduler import TPScheduler
+
+    sched = TPScheduler(handle, **overrides)
+    for req in workload.requests(shuffle=shuffle):
+        sched.add_request(req.prompt_ids, sampling=SamplingParams(max_new_tokens=req.max_new_tokens, ignore_eos=True))
+    with TreeTimer() as timer:
+        results = sched.process_requests()
+    m = sched.metrics
+    capture = sched._graph_runner.runner.capture_seconds if sched._graph_runner is not None else 0.0
+    wall = m.wall_s - capture
+    ttft = sorted(r.ttft_s for r in results.values())
+    page = sched.args.page_size
+    return {
+        "hit_rate": m.cache_hit_rate, "max_hit_rate": workload.theoretical_hit_rate(page),
+        "prompt_tokens": m.prompt_tokens, "cached_prompt_tokens": m.cached_prompt_tokens,
+        "prefill_tokens_computed": m.prefill_tokens_computed, "generated_tokens": m.generated_tokens,
+        "prefill_steps": m.prefill_steps, "decode_steps": m.decode_steps, "preemptions": m.preemptions,
+        "wall_s": wall, "graph_capture_s": capture,
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
+        "total_tok_s": (m.prompt_tokens + m.generated_tokens) / wall,
+        "output_tok_s": m.generated_tokens / wall,
+        "tree_s": timer.seconds, "tree_calls": timer.calls, "tree_share": timer.seconds / m.wall_s,
+    }
+
+
+def worker(model_name: str, dtype_name: str, shape: dict, graphs: bool, server: dict) -> list[dict]:
+    initialize_tensor_parallel(1)
+    device = current_device()
+    model = build_model(model_name, device, getattr(torch, dtype_name), get_tp_group())
+    handle = ModelHandle(model, get_tp_group(), device, server_kwargs=dict(use_cuda_graph=graphs, **server))
+    vocab = min(model.config.vocab_size, 32000)
+    shared = SharedPrefixWorkload(shape["G"], shape["P"], shape["S"], shape["Q"], shape["O"], vocab_size=vocab)
+    alone = SharedPrefixWorkload(shape["G"], shape["P"], 0, shape["S"] + shape["Q"], shape["O"], vocab_size=vocab, seed=1)
+    runs = [
+        ("shared", shared, False, True, "fcfs"),
+        ("shared", shared, False, False, "fcfs"),
+        ("shared", shared, False, False, "lpm"),
+        ("shared", shared, True, False, "fcfs"),
+        ("shared", shared, True, False, "lpm"),
+        ("no-sharing", alone, True, True, "fcfs"),
+        ("no-sharing", alone, True, False, "lpm"),
+    ]
+    serve(handle, SharedPrefixWorkload(2, 2, 16, 8, 4, vocab_size=vocab, seed=9), False)  # warm-up: kernels
+    rows = []
+    for label, workload, shuffle, disable, policy in runs:
+        row = {"workload": label, "arrival": "shuffled" if shuffle else "ordered",
+               "cache": "off" if disable else "on", "policy": policy}
+        row.update(serve(handle, workload, shuffle, disable_radix_cache=disable, schedule_policy=policy))
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cpu", action="store_true", help="miniature: qwen2-tiny, fp32, 4 x 4 x 64 / 8 / 8")
+    p.add_argument("--model", default=None)
+    p.add_argument("--groups", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--system", type=int, default=2048)
+    p.add_argument("--question", type=int, default=128)
+    p.add_argument("--outputs", type=int, default=64)
+    p.add_argument("--max-running", type=int, default=64)
+    args = p.parse_args(argv)
+    if args.cpu:
+        model, dtype, backend, graphs = args.model or "qwen2-tiny", "float32", "gloo", False
+        shape = dict(G=4, P=4, S=64, Q=8, O=8)
+        server = dict(max_running_requests=8, max_total_tokens=2048)
+    else:
+        if not torch.cuda.is_available():
+            p.error("no GPU: use --cpu for the miniature")
+        model, dtype, backend, graphs = args.model or "qwen2.5-0.5b-shape", "bfloat16", "nccl", True
+        shape = dict(G=args.groups, P=args.prompts, S=args.system, Q=args.question, O=args.outputs)
+        server = dict(max_running_requests=args.max_running, max_context_len=args.system + args.question + args.outputs + 16)
+    rows = launch(worker, 1, model, dtype, shape, graphs, server, backend=backend, timeout=1800)[0]
+    base = next(r for r in rows if r["workload"] == "shared" and r["cache"] == "off")
+    for r in rows:
+        ref = next(b for b in rows if b["workload"] == r["workload"] and b["cache"] == "off")
+        r["speedup"] = r["total_tok_s"] / ref["total_tok_s"]
+        r["ttft_p50_ms"], r["ttft_p90_ms"] = r["ttft_p50_s"] * 1e3, r["ttft_p90_s"] * 1e3
+        r["tree_pct"] = 100 * r["tree_share"]
+    print(f"{model}: G={shape['G']} P={shape['P']} S={shape['S']} Q={shape['Q']} O={shape['O']} ({dtype})")
+    print(format_table(rows, [("workload", "workload", ""), ("cache", "cache", ""), ("policy", "policy", ""),
+                              ("arrival", "arrival", ""), ("hit_rate", "hit", ".3f"), ("max_hit_rate", "max", ".3f"),
+                              ("prefill_tokens_computed", "prefill tok", "d"), ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
+                              ("ttft_p90_ms", "p90 ms", ".0f"), ("total_tok_s", "tok/s", ".0f"),
+                              ("speedup", "x off", ".2f"), ("tree_pct", "tree %", ".3f")]))
+    res = {"model": model, "dtype": dtype, "shape": shape, "server": server, "rows": rows,
+           "baseline_total_tok_s": base["total_tok_s"]}
+    path = write_results("radix", res, bench_env("cpu" if args.cpu else None))
+    print(f"wrote {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
