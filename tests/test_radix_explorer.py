@@ -86,7 +86,8 @@ def test_the_default_script_shows_split_shared_locks_and_eviction():
     frames = trace(DEFAULT_SCRIPT)
     assert {op.kind for op in DEFAULT_SCRIPT} == set(OP_KINDS)
     assert any("split" in f.highlight.values() for f in frames)
-    assert any(n["lock_ref"] >= 2 for f in frames for n in _all_nodes(f.tree)), "a prefix shared by two running requests"
+    shared_lock = any(n["lock_ref"] >= 2 for f in frames for n in _all_nodes(f.tree))
+    assert shared_lock, "a prefix locked by two running requests"
     evicting_inserts = [f for f, op in zip(frames[1:], DEFAULT_SCRIPT) if op.kind == "insert" and f.evicted]
     assert evicting_inserts and "to make room" in evicting_inserts[0].result
     hit = next(f for f, op in zip(frames[1:], DEFAULT_SCRIPT) if op.kind == "match")

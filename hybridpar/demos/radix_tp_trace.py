@@ -187,21 +187,24 @@ def plans_agree(reports: list[RankReport], name: str) -> bool:
                for r in reports[1:])
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def format_plans(reports: list[RankReport], name: str, max_steps: int = 12) -> str:
-    """The step plans of run ``name`` (from rank 0), with every rank's checksum of the keys it wrote."""
+    """The step plans of run ``name`` (from rank 0), with every rank's checksum of the keys it wrote.
+
+    Columns: requests (rids), cached + new tokens per request, KV slots written, then ``K rN``: the
+    sum of rank N's layer-0 keys at those slots.
+    """
     plans = [r.runs[name].plans for r in reports]
-    header = (f"{'step':>4}  {'kind':<7} {'requests':<14} {'cached+new tokens':<22} {'KV slots written':<24} "
-              + "  ".join(f"K sum r{r.rank}" for r in reports))
-    lines = [header]
+    lines = [f"{'step':>4} {'kind':<7} {'requests':<10} {'cached+new':<16} {'KV slots':<18}"
+             + "".join(f"{f'K r{r.rank}':>9}" for r in reports)]
     for i, p in enumerate(plans[0][:max_steps]):
         lens = ", ".join(f"{a}+{b}" for a, b in zip(p.prefix_lens, p.extend_lens))
-        lens = lens if len(lens) <= 22 else lens[:21] + "…"
-        rids = ", ".join(map(str, p.rids))
-        rids = rids if len(rids) <= 14 else rids[:13] + "…"
-        slots = slot_ranges(p.out_cache_loc)
-        slots = slots if len(slots) <= 24 else slots[:23] + "…"
-        sums = "  ".join(f"{pr[i].k_checksum:>8.2f}" for pr in plans)
-        lines.append(f"{i:>4}  {p.kind:<7} {rids:<14} {lens:<22} {slots:<24} {sums}")
+        rids, slots = _clip(", ".join(map(str, p.rids)), 10), _clip(slot_ranges(p.out_cache_loc), 18)
+        lines.append(f"{i:>4} {p.kind:<7} {rids:<10} {_clip(lens, 16):<16} {slots:<18}"
+                     + "".join(f"{pr[i].k_checksum:>9.2f}" for pr in plans))
     if len(plans[0]) > max_steps:
         lines.append(f"... {len(plans[0]) - max_steps} more steps")
     lines.append(f"every rank ran the same {len(plans[0])} plans (requests, lengths, slots): "
@@ -214,37 +217,38 @@ def format_ranks(reports: list[RankReport]) -> str:
     and whether the pool digests (free pages, free rows, req_to_token, written slots) agree across ranks."""
     lines = [f"rank {r.rank}: {r.kv_heads} of {r.total_kv_heads} KV heads, {r.kv_bytes_per_token} bytes of KV per "
              f"token" for r in reports]
-    width = max(len(name) for name in reports[0].runs)
     for name, run in reports[0].runs.items():
         same = all(r.runs[name].digest == run.digest for r in reports)
-        lines.append(f"{name:<{width}}  pool {run.pool_tokens:>5} tokens, state identical on all {len(reports)} "
-                     f"ranks: {same} ({run.digest['num_filled']} slots written)")
+        lines.append(f"{name}: {run.pool_tokens}-token pools, identical on all {len(reports)} ranks: {same} "
+                     f"({run.digest['num_filled']} slots written)")
     return "\n".join(lines)
 
 
 def format_serving(reports: list[RankReport], workload: SharedPrefixWorkload, page_size: int = 16,
                    timings: bool = False) -> str:
     """Per run: hit rate vs the theoretical maximum, prompt tokens served from the cache, prefill
-    tokens computed and saved against the no-cache run; with ``timings``, wall time and throughput."""
+    tokens computed and saved against the no-cache run, tokens evicted; with ``timings``, wall time,
+    throughput and the number of prefill + decode steps."""
     runs = reports[0].runs
     base = runs[BASELINE].metrics["prefill_tokens_computed"] if BASELINE in runs else None
     best = workload.theoretical_hit_rate(page_size)
     w = max(3, *(len(name) for name in runs))
     if timings:
-        lines = [f"{'run':<{w}} {'wall':>8} {'output tok/s':>13} {'total tok/s':>12} {'prefill + decode steps':>23}"]
+        lines = [f"{'run':<{w}} {'wall':>8} {'output tok/s':>13} {'total tok/s':>12} {'steps':>8}"]
         for name, run in runs.items():
             m = run.metrics
+            steps = f"{m['prefill_steps']}+{m['decode_steps']}"
             lines.append(f"{name:<{w}} {m['wall_s']:>6.2f} s {m['output_tokens_per_s']:>13.1f} "
-                         f"{m['total_tokens_per_s']:>12.1f} {m['prefill_steps']:>13} + {m['decode_steps']}")
+                         f"{m['total_tokens_per_s']:>12.1f} {steps:>8}")
         return "\n".join(lines)
-    lines = [f"{'run':<{w}} {'hit rate':>8} {'max':>6} {'cached / prompt tokens':>22} {'prefill computed':>17} "
-             f"{'saved':>6} {'evicted':>8}"]
+    lines = [f"{'run':<{w}} {'hit rate':>8} {'max':>6} {'cached/prompt':>14} {'computed':>9} {'saved':>6} "
+             f"{'evicted':>8}"]
     for name, run in runs.items():
         m = run.metrics
         saved = base - m["prefill_tokens_computed"] if base is not None else "-"
-        lines.append(f"{name:<{w}} {m['cache_hit_rate']:>8.3f} {best:>6.3f} "
-                     f"{m['cached_prompt_tokens']:>11} / {m['prompt_tokens']:<8} {m['prefill_tokens_computed']:>17} "
-                     f"{saved:>6} {m['evicted_tokens']:>8}")
+        cached = f"{m['cached_prompt_tokens']}/{m['prompt_tokens']}"
+        lines.append(f"{name:<{w}} {m['cache_hit_rate']:>8.3f} {best:>6.3f} {cached:>14} "
+                     f"{m['prefill_tokens_computed']:>9} {saved:>6} {m['evicted_tokens']:>8}")
     same = all(run.outputs == next(iter(runs.values())).outputs for run in runs.values())
     lines.append(f"same generated tokens in every run: {same}")
     return "\n".join(lines)

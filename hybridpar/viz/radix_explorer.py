@@ -233,8 +233,9 @@ class RadixSandbox:
     def match(self, text: str) -> str:
         tokens = self._check_text(text)
         result = self.cache.match_prefix(tokens)
-        return f"longest cached prefix: {result.prefix_len} of {len(tokens)} tokens, ending at node #{result.last_node.id}" \
-            if result.prefix_len else f"no cached prefix (0 of {len(tokens)} tokens)"
+        if not result.prefix_len:
+            return f"no cached prefix (0 of {len(tokens)} tokens)"
+        return f"longest cached prefix: {result.prefix_len} of {len(tokens)} tokens, ending at node #{result.last_node.id}"
 
     def lock(self, name: str, text: str) -> str:
         if not name:
