@@ -21,8 +21,8 @@ from hybridpar.models.default_checkpoint import resolve_model
 from hybridpar.radix.mem_pool import kv_bytes_per_token
 from hybridpar.tknp.attention import AttentionGeometry
 from hybridpar.tknp.memory import decoder_param_bytes, plan_memory, shape_of
-from hybridpar.tknp.verify import default_workloads, hf_logits
-from tests.tknp_workers import serve_layouts
+from hybridpar.tknp.verify import default_paged_workload, default_workloads, hf_logits
+from tests.tknp_workers import PagedCase, serve_layouts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,11 +52,17 @@ LAYOUTS = [(1, 4), (2, 2), (1, 2)]  # TKNP 2 runs as two replicas (external DP) 
 IDS = ["tknp4", "tp2xtknp2", "tknp2"]
 
 
+# the paged / radix-cache checks of test_tknp_radix run in the same launch (one spawn of 4 ranks)
+PAGED = PagedCase(model="qwen2-tiny", layouts=((1, 2), (2, 2)), budgets={1: 700_000, 2: 500_000}, max_seq_len=64,
+                  workload=default_paged_workload(), page_size=8)
+
+
 @functools.cache
 def _launch() -> dict[tuple[int, int], list[dict]]:
+    """Every layout's per-rank results (one launch for this module and test_tknp_radix)."""
     budgets = {tp: {m: _budget(m, tp) for m in MODELS} for tp in {tp for tp, _ in LAYOUTS}}
-    per_rank = launch(serve_layouts, WORLD, LAYOUTS, MODELS, budgets, MAX_SEQ_LEN, WORKLOADS,
-                      backend="gloo", timeout=300)
+    per_rank = launch(serve_layouts, WORLD, LAYOUTS, MODELS, budgets, MAX_SEQ_LEN, WORKLOADS, PAGED,
+                      backend="gloo", timeout=400)
     return {layout: [r[layout] for r in per_rank] for layout in LAYOUTS}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from hybridpar.models.attention_backend import ForwardBatch
 from hybridpar.models.generate import generate
 from hybridpar.tknp.attention import TokenParallelAttention
 from hybridpar.tknp.runner import TknpRoot, TknpSetup, Workload
-from hybridpar.tknp.verify import verify_rank
+from hybridpar.tknp.verify import PagedWorkload, verify_paged_rank, verify_rank
 
 
 def _root_extras(root: TknpRoot, workloads: Sequence[Workload]) -> dict[str, Any]:
@@ -39,9 +40,23 @@ def _root_extras(root: TknpRoot, workloads: Sequence[Workload]) -> dict[str, Any
             "fallback_exact": torch.equal(hidden[0], hidden[1])}
 
 
+@dataclass(frozen=True)
+class PagedCase:
+    """The paged (TknpScheduler) check to run on some layouts of the same launch."""
+
+    model: str
+    layouts: tuple[tuple[int, int], ...]
+    budgets: dict[int, int]  # per TP size
+    max_seq_len: int
+    workload: PagedWorkload
+    page_size: int
+
+
 def serve_layouts(layouts: list[tuple[int, int]], models: list[str], budgets: dict[int, dict[str, int]],
-                  max_seq_len: int, workloads: list[Workload]) -> dict[tuple[int, int], Any]:
-    """Every rank, for each ``(tp, tknp)`` in turn: build the groups, run verify_rank per model, tear down.
+                  max_seq_len: int, workloads: list[Workload], paged: PagedCase | None = None
+                  ) -> dict[tuple[int, int], Any]:
+    """Every rank, for each ``(tp, tknp)`` in turn: build the groups, run verify_rank per model (and
+    verify_paged_rank on ``paged.layouts``), tear down.
 
     One launch covers several layouts (spawning ranks is the slow part on a small CPU box); a
     layout smaller than the world runs as independent replicas (external DP).
@@ -60,6 +75,11 @@ def serve_layouts(layouts: list[tuple[int, int]], models: list[str], budgets: di
             setup = TknpSetup(model_name=name, tensor_parallel_size=tp, token_parallel_size=tknp,
                               memory_budget_bytes=budgets[tp][name], max_seq_len=max_seq_len)
             out["models"][name] = verify_rank(setup, workloads, reference_rows=3, extra=_root_extras)
+        if paged is not None and (tp, tknp) in paged.layouts:
+            setup = TknpSetup(model_name=paged.model, tensor_parallel_size=tp, token_parallel_size=tknp,
+                              memory_budget_bytes=paged.budgets[tp], max_seq_len=paged.max_seq_len,
+                              max_requests_per_rank=4)
+            out["paged"] = verify_paged_rank(setup, paged.workload, paged.page_size)
         results[(tp, tknp)] = out
         destroy_model_parallel()
     return results
