@@ -156,3 +156,45 @@ def test_workers_hold_no_weights_and_kv_adds_up(tp, tknp):
         by_index = [results[k * tp]["models"][model] for k in range(tknp)]
         measured = by_index[0]["capacities"][0].num_tokens + sum(m["capacity"].num_tokens for m in by_index[1:])
         assert measured == plan.kv_tokens_total
+
+
+# ----------------------------------------------------------------------------- pure: splitting a batch
+def test_split_batch_groups_tokens_by_rank_and_restores_the_order():
+    from hybridpar.models.attention_backend import ContiguousKVCache
+    from hybridpar.tknp.attention import TknpForwardBatch, split_batch
+
+    cache = ContiguousKVCache(1, 1, 2, 4, 16)
+    # requests: rank 1 (3 new tokens), rank 0 (1 decode token after 5), rank 1 (2), rank 2 (1 after 2)
+    fb = TknpForwardBatch.build_placed(cache, [1, 0, 1, 2], [7, 3, 9, 4], [0, 5, 0, 2], [3, 1, 2, 1],
+                                       out_cache_loc=torch.arange(100, 107))
+    fb.rank_mem_ops = [[], [("rows.alloc", (1,), [9])], []]
+    plan, order = split_batch(fb, 3)
+    assert plan.split_sizes == [1, 5, 1]
+    assert order.tolist() == [3, 0, 1, 2, 4, 5, 6]  # rank 0's token, rank 1's (requests 0 and 2), rank 2's
+    one = plan.sub_batches[1]
+    assert (one.req_pool_indices, one.prefix_lens, one.extend_lens) == ([7, 9], [0, 0], [3, 2])
+    assert one.out_cache_loc.tolist() == [100, 101, 102, 104, 105] and one.mem_ops == [("rows.alloc", (1,), [9])]
+    assert plan.sub_batches[0].mem_ops is None and plan.sub_batches[2].prefix_lens == [2]
+    x = torch.arange(7) * 10
+    grouped = x[order]
+    restored = torch.empty_like(grouped)
+    restored[order] = grouped
+    assert torch.equal(restored, x)
+    sub = plan.sub_batches[0].forward_batch(cache, torch.device("cpu"))
+    assert sub.forward_mode.value == "decode" and sub.positions.tolist() == [5]
+    assert split_batch(fb, 3)[0].sub_batches[2].forward_batch(cache, torch.device("cpu")).seq_lens == [3]
+
+
+def test_split_batch_needs_the_placement():
+    from hybridpar.models.attention_backend import ContiguousKVCache, ForwardBatch
+    from hybridpar.tknp.attention import TknpForwardBatch, split_batch
+
+    cache = ContiguousKVCache(1, 1, 2, 4, 16)
+    with pytest.raises(ValueError, match="TknpForwardBatch"):
+        split_batch(ForwardBatch.build(cache, [0], [0], [2]), 2)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 2\)"):
+        split_batch(TknpForwardBatch.build_placed(cache, [2], [0], [0], [2]), 2)
+    with pytest.raises(ValueError, match="2 tknp_ranks for 1 requests"):
+        TknpForwardBatch.build_placed(cache, [0, 1], [0], [0], [2])
+    empty = split_batch(TknpForwardBatch.build_placed(cache, [0], [0], [0], [2]), 2)[0].sub_batches[1]
+    assert empty.num_tokens == 0 and empty.forward_batch(cache, torch.device("cpu")) is None

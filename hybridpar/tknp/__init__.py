@@ -1,24 +1,31 @@
 """Chapter 6: token parallelism (TKNP).
 
 The root rank of each token-parallel group runs the whole model (its TP share of it) for the
-whole batch, but attention is spread by request: every rank of the group attends for the
-requests whose KV cache it holds. Non-root ranks hold no weights, only KV cache.
+whole batch -- embeddings, norms, QKV and output projections, MLP, LM head -- but attention is
+spread by request: every rank of the group attends for the requests whose KV cache it holds.
+Non-root ranks hold no weights at all, only KV cache.
 
 * :mod:`.placement` -- which rank holds a request's KV (balance KV tokens; stable placement).
-* :mod:`.attention` -- :class:`TokenParallelAttention`, the root's backend: scatterv Q/K/V by
-  request, attend locally, gatherv the outputs, restore the order.
+* :mod:`.attention` -- :class:`TokenParallelAttention`, the root's attention backend: scatterv
+  Q/K/V by request, attend locally, gatherv the outputs, restore the order.
 * :mod:`.worker` -- :class:`AttentionWorker`, a non-root rank: KV cache + attention, no model.
-* :mod:`.engine` -- :class:`TknpEngine`, continuous batching on the roots.
+* :mod:`.engine` -- :class:`TknpEngine`, continuous batching over contiguous caches.
+* :mod:`.radix_scheduler` -- :class:`TknpScheduler`, RadixAttention serving with a paged pool
+  and a radix tree per TKNP rank (TPScheduler's policy, per rank).
 * :mod:`.memory` -- weights and KV capacity per rank for TP, DP and TKNP.
-* :mod:`.runner` -- bringing up a root or a worker from a :class:`TknpSetup`.
-* :mod:`.cli` -- ``python -m hybridpar.tknp.cli``, the seed's command line; ``run_demo``.
-* :mod:`.verify` -- ``python -m hybridpar.tknp.verify``: TKNP versus TP 1 correctness table.
+* :mod:`.runner` -- bringing up a root or a worker from a :class:`~.runner.TknpSetup`.
+* :mod:`.cli` -- ``python -m hybridpar.tknp.cli`` (the seed's flags) and ``run_demo``;
+  ``torchrun -m hybridpar.demos.tknp_demo`` is the torchrun entry point.
+* :mod:`.verify` -- ``python -m hybridpar.tknp.verify``: TKNP versus TP-only and transformers.
+
+Mixture-of-experts models (where the seed spans expert parallelism over TP x TKNP) are not
+applicable here: hybridpar's decoders (Qwen2, Llama, Qwen3) are dense.
 """
 
 from hybridpar.tknp.attention import (
     AttentionGeometry,
     KVCapacity,
-    StepPlan,
+    PassPlan,
     SubBatch,
     TknpForwardBatch,
     TokenParallelAttention,
@@ -27,6 +34,7 @@ from hybridpar.tknp.attention import (
 from hybridpar.tknp.engine import Request, RequestOutput, TknpEngine
 from hybridpar.tknp.memory import MemoryPlan, RankMemory, compare_strategies, format_memory_table, plan_memory
 from hybridpar.tknp.placement import RequestPlacer, least_loaded, place_all
+from hybridpar.tknp.radix_scheduler import TknpScheduler
 from hybridpar.tknp.worker import AttentionWorker, WorkerStats
 
 __all__ = [
@@ -34,14 +42,15 @@ __all__ = [
     "AttentionWorker",
     "KVCapacity",
     "MemoryPlan",
+    "PassPlan",
     "RankMemory",
     "Request",
     "RequestOutput",
     "RequestPlacer",
-    "StepPlan",
     "SubBatch",
     "TknpEngine",
     "TknpForwardBatch",
+    "TknpScheduler",
     "TokenParallelAttention",
     "WorkerStats",
     "compare_strategies",

@@ -12,7 +12,7 @@ of *every* request of the batch. :class:`TokenParallelAttention` then
 4. ``gatherv``-s the outputs back to the root and restores the batch's token order.
 
 Once per forward pass, before the first layer, :meth:`~TokenParallelAttention.init_forward_metadata`
-broadcasts a :class:`StepPlan`: each rank's sub-batch (its cache rows, prefix and new-token
+broadcasts a :class:`PassPlan`: each rank's sub-batch (its cache rows, prefix and new-token
 counts, and for a paged cache its slots), so every rank can build its own
 :class:`~hybridpar.models.attention_backend.ForwardBatch` and knows the split sizes of every
 scatter and gather of this pass.
@@ -136,8 +136,12 @@ class SubBatch:
 
 
 @dataclass
-class StepPlan:
-    """What every rank of a TKNP group needs for one forward pass: one sub-batch per rank."""
+class PassPlan:
+    """What every rank of a TKNP group needs for one forward pass: one sub-batch per rank.
+
+    (Not to be confused with the TP scheduler's ``StepPlan``, which a TP leader sends to its TP
+    followers; a TKNP root sends a ``PassPlan`` to its attention workers.)
+    """
 
     sub_batches: list[SubBatch]
 
@@ -147,7 +151,7 @@ class StepPlan:
         return [sb.num_tokens for sb in self.sub_batches]
 
 
-def split_batch(fb: ForwardBatch, num_ranks: int) -> tuple[StepPlan, torch.Tensor]:
+def split_batch(fb: ForwardBatch, num_ranks: int) -> tuple[PassPlan, torch.Tensor]:
     """Split a placed batch by owner rank (pure).
 
     Returns the plan and ``order``: ``order[j]`` is the batch-token index of the ``j``-th token in
@@ -178,7 +182,7 @@ def split_batch(fb: ForwardBatch, num_ranks: int) -> tuple[StepPlan, torch.Tenso
     for rank, ops in enumerate(getattr(fb, "rank_mem_ops", None) or []):
         subs[rank].mem_ops = ops or None
     order = torch.cat([p for rank_pieces in pieces for p in rank_pieces])
-    return StepPlan(subs), order
+    return PassPlan(subs), order
 
 
 def attend_piece(backend: AttentionBackend, layer_id: int, packed: torch.Tensor, geometry: AttentionGeometry,
@@ -227,13 +231,9 @@ class TokenParallelAttention(AttentionBackend):
             raise ValueError(f"TokenParallelAttention runs on the TKNP root (group rank 0); this is group rank "
                              f"{self.group.rank_in_group}: build an AttentionWorker there instead")
         self.capacities = exchange_hello(self.group, geometry, own)
-        self._plan: StepPlan | None = None
+        self._plan: PassPlan | None = None
         self._order = torch.empty(0, dtype=torch.long)
         self._local_fb: ForwardBatch | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.group is not None
 
     @property
     def num_ranks(self) -> int:
@@ -277,7 +277,7 @@ class TokenParallelAttention(AttentionBackend):
         """
         if self.group is None or not any(rank_mem_ops):
             return
-        plan = StepPlan([SubBatch(mem_ops=list(ops) or None) for ops in rank_mem_ops])
+        plan = PassPlan([SubBatch(mem_ops=list(ops) or None) for ops in rank_mem_ops])
         broadcast_object(plan, src=0, group=self.group)
 
     def shutdown(self) -> None:

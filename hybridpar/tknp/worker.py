@@ -8,7 +8,7 @@ memory budget can go to that cache.
 
 Its loop mirrors what :class:`~hybridpar.tknp.attention.TokenParallelAttention` does on the root::
 
-    while (plan := broadcast_object(from root)) is not None:   # one StepPlan per forward pass
+    while (plan := broadcast_object(from root)) is not None:   # one PassPlan per forward pass
         fb = my sub-batch as a ForwardBatch of my cache (None if I have no request this pass)
         for layer in range(num_layers):
             qkv = scatterv(..., plan.split_sizes)                 # my requests' new tokens
@@ -30,7 +30,14 @@ from hybridpar.distributed.parallel_state import GroupCoordinator
 from hybridpar.models.attention_backend import AttentionBackend
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.pool_sync import pool_digest, replay
-from hybridpar.tknp.attention import AttentionGeometry, KVCapacity, StepPlan, attend_piece, capacity_of, exchange_hello
+from hybridpar.tknp.attention import (
+    AttentionGeometry,
+    KVCapacity,
+    PassPlan,
+    attend_piece,
+    capacity_of,
+    exchange_hello,
+)
 
 
 @dataclass
@@ -87,7 +94,7 @@ class AttentionWorker:
             self.run_pass(plan)
 
     @torch.no_grad()
-    def run_pass(self, plan: StepPlan) -> None:
+    def run_pass(self, plan: PassPlan) -> None:
         """One forward pass: every layer's scatter, local attention, gather."""
         mine = plan.sub_batches[self.group.rank_in_group]
         if mine.mem_ops:
