@@ -9,6 +9,7 @@ memory budget can go to that cache.
 Its loop mirrors what :class:`~hybridpar.tknp.attention.TokenParallelAttention` does on the root::
 
     while (plan := broadcast_object(from root)) is not None:   # one PassPlan per forward pass
+        replay my sub-batch's pool changes on my mirror pools   # paged caches only
         fb = my sub-batch as a ForwardBatch of my cache (None if I have no request this pass)
         for layer in range(num_layers):
             qkv = scatterv(..., plan.split_sizes)                 # my requests' new tokens
@@ -16,7 +17,13 @@ Its loop mirrors what :class:`~hybridpar.tknp.attention.TokenParallelAttention` 
             gatherv(o, plan.split_sizes)                          # back to the root
 
 Every rank takes part in every scatter and gather, even with zero tokens, because they are
-collectives. ``None`` from the root ends the loop.
+collectives. A plan without any token (pool changes only) runs no layer, on any rank. ``None``
+from the root ends the loop.
+
+With a paged cache the root owns the *index* structures of this rank's pool (rows, page free
+list, radix tree) and decides every allocation; the worker keeps a mirror of the rows and the
+free list, kept exact by replaying the root's op log (:mod:`hybridpar.radix.pool_sync`), and the
+K/V buffers themselves.
 """
 
 from __future__ import annotations
