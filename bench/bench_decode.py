@@ -104,7 +104,11 @@ def worker(models: list[str], batches: list[int], context: int, iters: int, mode
                    "roofline_s": roof}
             with torch.no_grad():
                 for mode, fn in fns.items():
-                    t = median(time_fn(fn, device, iters=iters, warmup=3))
+                    try:
+                        t = median(time_fn(fn, device, iters=iters, warmup=3))
+                    except Exception as exc:  # report and go on with the other modes
+                        row[f"{mode}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+                        continue
                     row[f"{mode}_s"] = t
                     row[f"{mode}_tok_s"] = batch / t
                     row[f"{mode}_roofline_frac"] = roof / t
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in res["rows"]:
         r["roofline_ms"] = f"{r['roofline_s'] * 1e3:.3f}"
         for m in modes:
-            r[f"{m}_ms"] = r[f"{m}_s"] * 1e3
+            r[f"{m}_ms"] = r[f"{m}_s"] * 1e3 if f"{m}_s" in r else None
     cols = [("model", "model", ""), ("batch", "B", "d"), ("roofline_ms", "roof ms", "")]
     for m in modes:
         cols += [(f"{m}_ms", f"{m} ms", ".3f"), (f"{m}_tok_s", "tok/s", ".0f"), (f"{m}_roofline_frac", "of roof", ".2f")]

@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
             p.error("no GPU: use --cpu for the miniature")
         model, dtype, backend, graphs = args.model or "qwen2.5-0.5b-shape", "bfloat16", "nccl", True
         shape = dict(G=args.groups, P=args.prompts, S=args.system, Q=args.question, O=args.outputs)
-        server = dict(max_running_requests=args.max_running, max_context_len=args.system + args.question + args.outputs + 16)
+        context = args.system + args.question + args.outputs + 16
+        server = dict(max_running_requests=args.max_running, max_context_len=context,
+                      max_total_tokens=args.max_running * context + args.groups * args.system + 4096)
     rows = launch(worker, 1, model, dtype, shape, graphs, server, backend=backend, timeout=1800)[0]
     base = next(r for r in rows if r["workload"] == "shared" and r["cache"] == "off")
     for r in rows:

@@ -66,12 +66,12 @@ def profile_breakdown(step, device: torch.device, steps: int = 5) -> dict[str, f
         if evt.key in ("hp::gemm", "hp::attention"):
             out[evt.key[4:]] += getattr(evt, time_attr) / 1e6 / steps
     if device.type == "cuda":
-        for evt in prof.events():
-            if evt.device_type == torch.autograd.DeviceType.CUDA:
-                total += evt.device_time / 1e6
-                if "nccl" in evt.name.lower():
-                    out["communication"] += evt.device_time / 1e6 / steps
-        total /= steps
+        for evt in prof.key_averages():  # kernel rows: their own GPU time
+            if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                seconds = evt.self_device_time_total / 1e6 / steps
+                total += seconds
+                if "nccl" in evt.key.lower():
+                    out["communication"] += seconds
         out["other"] = max(total - out["gemm"] - out["attention"] - out["communication"], 0.0)
         out["kernel_total"] = total
     return out
@@ -89,9 +89,15 @@ def worker(name: str, batches: list[int], context: int, iters: int, dtype_name: 
         row = {"model": name, "tp": tp, "batch": batch, "context": context}
         with torch.no_grad():
             for mode, fn in fns.items():
-                row[f"{mode}_s"] = median(time_fn(fn, device, iters=iters, warmup=3))
-            for k, v in profile_breakdown(fns["static"], device).items():
-                row[f"{k}_s"] = v
+                try:
+                    row[f"{mode}_s"] = median(time_fn(fn, device, iters=iters, warmup=3))
+                except Exception as exc:  # e.g. a collective that cannot be captured: report, keep going
+                    row[f"{mode}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            try:
+                for k, v in profile_breakdown(fns["static"], device).items():
+                    row[f"{k}_s"] = v
+            except Exception as exc:
+                row["profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
         row["step_s"] = row.get("graph_s", row["static_s"])
         rows.append(row)
         del fns, keep

@@ -92,15 +92,22 @@ def worker(models: list[str], batch: int, prompt_len: int, new_tokens: int, dtyp
         for b, label, fn in [(1, "transformers", hf_generate), (1, "hybridpar generate", hp_generate),
                              (batch, "transformers", hf_generate), (batch, "hybridpar generate", hp_generate),
                              (batch, "hybridpar server", hp_serve)]:
-            fn(b, 4)  # warm-up: kernels, cuBLAS, graph capture of the small buckets
-            if label != "transformers":
-                fn(b)  # hybridpar: a full-length warm-up captures every (batch, length) bucket the run meets
-            seconds = _timed(lambda: fn(b), device)
+            try:
+                fn(b, 4)  # warm-up: kernels, cuBLAS, graph capture of the small buckets
+                if label != "transformers":
+                    fn(b)  # hybridpar: a full-length warm-up captures every (batch, length) bucket the run meets
+                seconds = _timed(lambda: fn(b), device)
+            except Exception as exc:  # report and go on
+                rows.append({"model": name, "batch": b, "engine": label, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                continue
             rows.append({"model": name, "batch": b, "engine": label, "seconds": seconds,
                          "tok_s": b * new_tokens / seconds, "step_ms": seconds / new_tokens * 1e3})
-        hf_tokens, hp_tokens = hf_generate(1, 16), hp_generate(1, 16)
-        rows.append({"model": name, "batch": 1, "engine": "greedy agreement (first 16 tokens)",
-                     "agree": sum(a == b for a, b in zip(hf_tokens[0], hp_tokens[0])) / 16})
+        try:
+            hf_tokens, hp_tokens = hf_generate(1, 16), hp_generate(1, 16)
+            rows.append({"model": name, "batch": 1, "engine": "greedy agreement (first 16 tokens)",
+                         "agree": sum(a == b for a, b in zip(hf_tokens[0], hp_tokens[0])) / 16})
+        except Exception as exc:
+            rows.append({"model": name, "engine": "agreement", "error": f"{type(exc).__name__}: {exc}"[:500]})
         del model, hf, handle
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(sp, [("model", "model", ""), ("batch", "B", "d"), ("engine", "engine", ""),
                             ("speedup", "x transformers", ".1f")]))
     for r in rows:
+        if "error" in r:
+            print(f"ERROR {r['model']} {r.get('batch')} {r['engine']}: {r['error']}")
         if "agree" in r:
             print(f"{r['model']}: greedy tokens equal to transformers' for {r['agree']:.0%} of the first 16")
     res = {"prompt_len": prompt, "new_tokens": new, "dtype": dtype, "rows": rows, "speedups": sp}
