@@ -36,6 +36,7 @@ def test_paged_tknp_matches_tp_only_and_transformers(tp, tknp):
     ranks = _ranks(tp, tknp)
     roots = [r for i, r in enumerate(ranks) if i % (tp * tknp) < tp]
     leader = roots[0]
+    assert all(r["fallback"] == r["reference"] for r in roots)  # TknpScheduler without a group == TPScheduler
     for name in ("together", "joining"):
         assert all(r[name]["outputs"] == leader["reference"] for r in roots), name
         assert set(leader[name]["placement"]) == set(range(tknp))  # requests spread over the ranks

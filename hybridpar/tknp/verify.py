@@ -120,6 +120,7 @@ def verify_paged_rank(setup: TknpSetup, workload: PagedWorkload, page_size: int 
     tree), release the workers, then serve it with a plain TPScheduler (the TP-only reference). Workers
     attend on their paged pool and report their mirror's digest."""
     from hybridpar.radix.scheduler import TPScheduler
+    from hybridpar.tknp.radix_scheduler import TknpScheduler
     from hybridpar.tknp.runner import build_paged_worker, build_tknp_scheduler
 
     def submit(sched: TPScheduler, arrivals: Sequence[int]) -> None:
@@ -146,6 +147,9 @@ def verify_paged_rank(setup: TknpSetup, workload: PagedWorkload, page_size: int 
     plain = TPScheduler(sched.wrapper, max_total_tokens=4096, max_running_requests=len(workload.prompts))
     submit(plain, workload.arrival_steps)
     out["reference"] = [r.output_ids for r in plain.process_requests().values()]
+    alone = TknpScheduler(sched.wrapper, None, max_total_tokens=4096, max_running_requests=len(workload.prompts))
+    submit(alone, workload.arrival_steps)  # token parallelism off: must serve exactly like TPScheduler
+    out["fallback"] = [r.output_ids for r in alone.process_requests().values()]
     out["parameter_objects"] = parameter_objects_alive()  # the root's model is still alive here
     return out
 
@@ -269,6 +273,7 @@ def _check_paged(result: VerifyResult, name: str, ranks: list[dict], paged: Page
     """TknpScheduler vs TPScheduler (tokens), vs transformers (argmax), and worker mirrors vs root bookkeeping."""
     roots = ranks[:tp]
     leader = roots[0]
+    result.ok &= all(r["fallback"] == r["reference"] for r in roots)
     for run in ("together", "joining"):
         result.ok &= all(r[run]["outputs"] == leader["reference"] for r in roots)
         for i, (got, ref, prompt) in enumerate(zip(leader[run]["outputs"], leader["reference"], paged.prompts)):
