@@ -34,13 +34,15 @@ from typing import TYPE_CHECKING
 from hybridpar.distributed.parallel_state import RankLayout, compute_layout
 from hybridpar.models.sampling import SamplingParams
 from hybridpar.roofline import MODEL_PRESETS, ModelShape, format_bytes
-from hybridpar.tknp.attention import AttentionGeometry, StepPlan, TknpForwardBatch, split_batch
+from hybridpar.tknp.attention import AttentionGeometry, TknpForwardBatch, split_batch
 from hybridpar.tknp.engine import Request
 from hybridpar.tknp.placement import place_all
 from hybridpar.viz.colors import TEXT_COLOR, rank_color
 
 if TYPE_CHECKING:
     import ipywidgets
+
+    from hybridpar.tknp.attention import PassPlan
 
 STAGES = ("plan", "qkv", "scatter", "attend", "gather", "rest")
 STAGE_TITLES = {
@@ -108,7 +110,7 @@ class StepFlow:
     reservations: tuple[int, ...]
     placement: tuple[int, ...]
     rows: tuple[int, ...]
-    plan: StepPlan
+    plan: PassPlan  # split_batch's plan: one sub-batch per TKNP rank
     order: tuple[int, ...]
     heads: tuple[AttentionGeometry, ...]
     layout: RankLayout
@@ -272,8 +274,8 @@ def flow_frames(flow: StepFlow) -> list[FlowFrame]:
         if c["tknp"] == 0:
             return (f"hidden {_shape(T, h)}: all {len(flow.requests)} requests, {T} new tokens",
                     f"places new requests by reserved KV tokens (reservations {list(flow.reservations)}); "
-                    f"broadcasts the StepPlan (split sizes {sizes}) to its TKNP group", True)
-        return (f"its sub-batch: {sub(c)}", "receives the StepPlan; builds its own ForwardBatch", True)
+                    f"broadcasts the plan of the pass (split sizes {sizes}) to its TKNP group", True)
+        return (f"its sub-batch: {sub(c)}", "receives the plan; builds its own ForwardBatch", True)
 
     frames.append(FlowFrame("plan", STAGE_TITLES["plan"],
                             f"{len(flow.requests)} requests, {T} new tokens; TKNP rank r owns the requests "
