@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from hybridpar.config import ParallelConfig, ParallelConfigError
 from hybridpar.distributed.parallel_state import compute_layout
-from hybridpar.tknp.cli import main, parse_args, run_demo
+from hybridpar.tknp.cli import main, parse_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("tp,tknp", [(1, 2), (1, 4), (2, 2), (2, 4)])
@@ -77,18 +80,32 @@ def test_module_entry_point_exits_2_without_traceback():
     assert "mutually exclusive" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_tknp2_demo_and_dp2_give_the_same_text(capsys):
-    """`python -m hybridpar.tknp.cli` on 2 gloo ranks: the worker holds no weights and attends; DP 2 on the
-    same prompts (two full replicas) produces the same completions."""
-    assert main(["--token-parallel-size", "2", "--enable-token-parallel", "--model-name", "qwen2-tiny",
-                 "--force-cpu", "--max-new-tokens", "4", "--max-seq-len", "64", "--json"]) == 0
+def test_tknp2_demo_and_dp2_under_torchrun_give_the_same_text(capsys):
+    """`python -m hybridpar.tknp.cli` on 2 gloo ranks (hybridpar.launch): the worker holds no weights and
+    attends. Then `torchrun -m hybridpar.demos.tknp_demo` with DP 2 (two full replicas) on the same prompts
+    produces the same completions."""
+    flags = ["--model-name", "qwen2-tiny", "--force-cpu", "--max-new-tokens", "4", "--max-seq-len", "64", "--json"]
+    assert main(["--token-parallel-size", "2", "--enable-token-parallel", *flags]) == 0
     lines = capsys.readouterr().out.splitlines()
     result = json.loads(lines[-1])
     assert lines[0].startswith("TP 1 x TKNP 2 x DP 1") and any("[tknp rank 1]" in line for line in lines)
     root, worker = result["ranks"]
     assert root["param_bytes"] > 0 and worker["param_bytes"] == 0 and worker["parameter_objects"] == 0
     assert worker["worker_new_tokens"] > 0 and sorted(set(result["placement"])) == [0, 1]
-    dp = run_demo("qwen2-tiny", token_parallel_size=1, data_parallel_size=2, max_new_tokens=4, max_seq_len=64,
-                  force_cpu=True)
-    assert dp.completions == result["completions"] and dp.placement == [0, 1, 0, 1]
-    assert all(r.param_bytes == root["param_bytes"] for r in dp.reports)  # every DP replica holds all weights
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "-m", "hybridpar.demos.tknp_demo",
+                           "--data-parallel-size", "2", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.splitlines()
+    dp = json.loads(out[-1])
+    assert out[0].startswith("TP 1 x TKNP 1 x DP 2") and dp["completions"] == result["completions"]
+    assert dp["placement"] == [0, 1, 0, 1]  # round-robin over the replicas
+    assert [r["param_bytes"] for r in dp["ranks"]] == [root["param_bytes"]] * 2  # every replica holds all weights
