@@ -24,8 +24,11 @@ hold the same share of KV heads. All roots run the same scheduler and so send th
 With a group of one rank (or ``group=None``) the wrapper calls the local backend directly,
 without a copy: disabling token parallelism gives exactly the standard attention.
 
-Per layer the root sends ``(T - T_root) * (Hq + 2 Hkv) * d`` elements and receives
-``(T - T_root) * Hq * d``, where ``T_root`` are the new tokens of its own requests.
+Costs. Per layer the root sends ``(T - T_root) * (Hq + 2 Hkv) * d`` elements and receives
+``(T - T_root) * Hq * d``, where ``T_root`` are the new tokens of its own requests; per pass one
+pickled plan goes out over the gloo side group. ``scatterv``/``gatherv`` pad every piece to the
+largest one (the collectives move equal-sized buffers), so an uneven split costs bandwidth even
+when it balances the attention work. Nothing here overlaps communication with computation.
 """
 
 from __future__ import annotations

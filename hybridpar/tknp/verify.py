@@ -320,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hybridpar.config import ParallelConfig, ParallelConfigError
+    from hybridpar.distributed.launcher import resolve_backend
 
     try:
         ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
@@ -327,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.token_parallel_size < 2:
             raise ParallelConfigError("verify compares token parallelism with TP only: --token-parallel-size >= 2")
         check_models(args.models or DEFAULT_MODELS, args.tensor_parallel_size)
+        resolve_backend(args.backend, args.tensor_parallel_size * args.token_parallel_size)
     except (ParallelConfigError, FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     result = verify(args.models or DEFAULT_MODELS, args.tensor_parallel_size, args.token_parallel_size,
