@@ -109,3 +109,19 @@ def test_tknp2_demo_and_dp2_under_torchrun_give_the_same_text(capsys):
     assert out[0].startswith("TP 1 x TKNP 1 x DP 2") and dp["completions"] == result["completions"]
     assert dp["placement"] == [0, 1, 0, 1]  # round-robin over the replicas
     assert [r["param_bytes"] for r in dp["ranks"]] == [root["param_bytes"]] * 2  # every replica holds all weights
+
+
+def test_measured_memory_tp_dp_tknp_on_two_ranks():
+    """One launch builds TP 2, DP 2 and TKNP 2 with the same per-rank budget: the worker holds no weights
+    and the most KV; TKNP caches more distinct tokens than DP; every total is what memory.py predicts."""
+    from hybridpar.tknp.cli import format_memory, measure_memory
+
+    tp, dp, tknp = measure_memory("qwen2-tiny", num_ranks=2, memory_budget_bytes=1_000_000, max_seq_len=64)
+    assert (tp.label, dp.label, tknp.label) == ("TP2", "DP2", "TKNP2")
+    for layout in (tp, dp, tknp):
+        assert layout.kv_tokens_total == layout.predicted().kv_tokens_total > 0
+    root, worker = tknp.reports
+    assert worker.param_bytes == 0 and worker.parameter_objects == 0 and root.param_bytes == dp.reports[0].param_bytes
+    assert worker.capacity.num_tokens > root.capacity.num_tokens == dp.reports[0].capacity.num_tokens
+    assert tknp.kv_tokens_total > dp.kv_tokens_total
+    assert "distinct KV tokens" in format_memory([tp, dp, tknp])

@@ -260,8 +260,9 @@ def measure_memory(model_name: str | None = None, num_ranks: int = 2, memory_bud
                    tknp_tensor_parallel_size: int = 1, max_seq_len: int = 64, force_cpu: bool = True,
                    timeout: float = 300.0) -> list[MeasuredLayout]:
     """Build (without serving) TP ``n``, DP ``n`` and TKNP on ``n`` ranks, all with the same per-rank
-    budget, and collect what every rank holds. A layout the model cannot take (TP ``n`` not dividing
-    the heads) gets ``error`` instead of reports."""
+    budget, and collect what every rank holds (one launch; the layouts are built one after the
+    other). A layout the model cannot take (TP ``n`` not dividing the heads) gets ``error`` instead
+    of reports."""
     from hybridpar.distributed.launcher import launch
 
     base = TknpSetup(model_name=model_name, memory_budget_bytes=memory_budget_bytes, max_seq_len=max_seq_len)
@@ -275,11 +276,23 @@ def measure_memory(model_name: str | None = None, num_ranks: int = 2, memory_bud
             check_setup(layout.setup, num_ranks)
         except (ParallelConfigError, ValueError) as exc:
             layout.error = str(exc)
-            continue
-        empty = [[] for _ in range(layout.setup.data_parallel_size)]
-        layout.reports = launch(demo_rank, num_ranks, layout.setup, empty, backend="gloo" if force_cpu else "auto",
-                                timeout=timeout)
+    runnable = [layout for layout in layouts if layout.error is None]
+    per_rank = launch(build_layouts_rank, num_ranks, [layout.setup for layout in runnable],
+                      backend="gloo" if force_cpu else "auto", timeout=timeout)
+    for i, layout in enumerate(runnable):
+        layout.reports = [reports[i] for reports in per_rank]
     return layouts
+
+
+def build_layouts_rank(setups: Sequence[TknpSetup]) -> list[RankReport]:
+    """Every rank, for each setup in turn: build the groups and the rank (no requests), report, tear down."""
+    from hybridpar.distributed.parallel_state import destroy_model_parallel
+
+    reports = []
+    for setup in setups:
+        reports.append(demo_rank(setup, [[] for _ in range(setup.data_parallel_size)]))
+        destroy_model_parallel()
+    return reports
 
 
 def format_memory(layouts: Sequence[MeasuredLayout]) -> str:
