@@ -13,6 +13,19 @@ Inside a rank (started by ``hybridpar.launch`` or torchrun) after
 :class:`~hybridpar.tknp.engine.TknpEngine`, then releases the workers, and every rank returns a
 :class:`RankReport` (weights held, KV capacity, what it did).
 
+RadixAttention serving uses the paged variants: roots build a
+:class:`~hybridpar.tknp.radix_scheduler.TknpScheduler` with :func:`build_tknp_scheduler` (add
+requests, ``process_requests()``, ``shutdown()``), workers build :func:`build_paged_worker` and
+call ``serve()``::
+
+    if is_tknp_root():
+        sched = build_tknp_scheduler(setup, page_size=16)
+        sched.add_request(prompt_ids, max_new_tokens=32)
+        results = sched.process_requests()
+        sched.shutdown()
+    else:
+        build_paged_worker(setup, page_size=16).serve()
+
 Memory model: each rank has ``memory_budget_bytes`` for weights + KV (think: one GPU). Without a
 budget every rank gets ``max_requests_per_rank`` rows. A contiguous cache row holds
 ``max_seq_len`` tokens, so capacity comes in rows.
