@@ -65,3 +65,19 @@ def test_two_all_reduces_per_layer(results: list) -> None:
     tokens = results[0].num_tokens
     assert calls[0].shape == (tokens, 64) and calls[-1].shape == (1, 512 // TP)  # padded vocabulary slice
     assert "every rank called" in format_collectives(results)
+
+
+@pytest.mark.gpu
+def test_nccl_two_ranks_same_anatomy() -> None:
+    """On 2 GPUs: same reads and the same collectives (NCCL gathers with all_gather_into_tensor)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    results = run_anatomy(tp_size=2, backend="nccl")
+    calls = [(c.module, c.collective) for c in results[0].collectives]
+    assert calls[0] == ("model.embed_tokens", "all_reduce") and len(calls) == 6
+    assert calls[-1] == ("lm_head", "all_gather_into_tensor")
+    owners = {o.name: o for o in checkpoint_ownership([r.reads for r in results])}
+    assert owners["model.layers.0.self_attn.k_proj.weight"].ranges_of(1) == [(16, 32)]
+    assert all(r.loads[0].bytes_read < r.loads[1].bytes_read for r in results)
