@@ -180,12 +180,12 @@ def test_explorer_links_a_slider_to_one_frame_per_step(monkeypatch):
 
     monkeypatch.setattr(widgets, "jslink", recording_jslink)
     view = radix_explorer()
-    controls, stack = view.children
-    play, slider = controls.children
+    slider, stack = view.children
     assert isinstance(stack, widgets.Stack) and len(stack.children) == len(DEFAULT_SCRIPT) + 1
-    assert slider.max == play.max == len(DEFAULT_SCRIPT)
-    assert pairs == {(play.model_id, "value", slider.model_id, "value"),
-                     (slider.model_id, "value", stack.model_id, "selected_index")}
+    assert isinstance(slider, widgets.IntSlider) and (slider.min, slider.max) == (0, len(DEFAULT_SCRIPT))
+    assert pairs == {(slider.model_id, "value", stack.model_id, "selected_index")}
+    for k, frame in enumerate(stack.children):
+        assert f"step {k} of {len(DEFAULT_SCRIPT)}" in frame.value
     assert "evict" in stack.children[7].value
 
 

@@ -550,19 +550,18 @@ def frame_html(frame: ExplorerFrame, total_steps: int | None = None) -> str:
 # ---------------------------------------------------------------------------- widgets
 def radix_explorer(ops: Sequence[CacheOp] = DEFAULT_SCRIPT, pool_tokens: int = 64, page_size: int = 4,
                    max_requests: int = 8) -> ipywidgets.VBox:
-    """Every step of ``ops`` drawn in advance; a play button and a slider ``jslink``-ed to a ``Stack``
-    pick the frame, so it works in the static book with no kernel."""
+    """Every step of ``ops`` drawn in advance; a slider ``jslink``-ed to a ``Stack`` picks the frame,
+    so it works in the static book with no kernel. (No ``Play`` button: its animation needs a kernel
+    to sync with, and linked to the slider it stops the slider from switching frames in the book.)"""
     import ipywidgets as widgets
 
     frames = trace(ops, pool_tokens, page_size, max_requests)
     last = len(frames) - 1
     stack = widgets.Stack([widgets.HTML(frame_html(f, last)) for f in frames], selected_index=0)
     slider = widgets.IntSlider(value=0, min=0, max=last, description="step", continuous_update=True,
-                               style={"description_width": "initial"})
-    play = widgets.Play(value=0, min=0, max=last, interval=1500, description="play")
-    widgets.jslink((play, "value"), (slider, "value"))
+                               style={"description_width": "initial"}, layout=widgets.Layout(width="32em"))
     widgets.jslink((slider, "value"), (stack, "selected_index"))
-    return widgets.VBox([widgets.HBox([play, slider]), stack])
+    return widgets.VBox([slider, stack])
 
 
 def radix_playground(pool_tokens: int = 64, page_size: int = 4, max_requests: int = 8,
