@@ -16,8 +16,16 @@ from collections.abc import Sequence
 import torch.distributed as dist
 
 from hybridpar.distributed.launcher import run_torchrun
-from hybridpar.tknp.cli import DEFAULT_PROMPTS, _requests, _tokenizer, collect, demo_rank, format_demo, parse_args
-from hybridpar.tknp.cli import split_for_replicas
+from hybridpar.tknp.cli import (
+    DEFAULT_PROMPTS,
+    collect,
+    demo_rank,
+    format_demo,
+    load_tokenizer,
+    make_requests,
+    parse_args,
+    split_for_replicas,
+)
 from hybridpar.tknp.runner import RankReport, TknpSetup
 
 
@@ -32,9 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args, setup = parse_args(argv, world_size=world, prog="torchrun ... -m hybridpar.demos.tknp_demo")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = _tokenizer(setup)
+    tokenizer = load_tokenizer(setup)
     prompts = list(args.prompts or DEFAULT_PROMPTS)
-    requests = _requests([list(tokenizer(p).input_ids) for p in prompts], args.max_new_tokens)
+    requests = make_requests([list(tokenizer(p).input_ids) for p in prompts], args.max_new_tokens)
     reports = run_torchrun(_rank_main, setup, split_for_replicas(requests, setup.data_parallel_size))
     if reports is not None:
         result = collect(setup, reports, prompts, tokenizer)

@@ -140,7 +140,8 @@ class DemoResult:
                 "completions": self.completions, "placement": self.placement}
 
 
-def _requests(token_ids: list[list[int]], max_new_tokens: int) -> list[Request]:
+def make_requests(token_ids: list[list[int]], max_new_tokens: int) -> list[Request]:
+    """Greedy requests, all arriving at step 0."""
     return [Request(ids, SamplingParams(max_new_tokens=max_new_tokens)) for ids in token_ids]
 
 
@@ -152,7 +153,8 @@ def demo_rank(setup: TknpSetup, requests_per_replica: list[list[Request]]) -> Ra
     return serve(setup, [Workload("demo", requests_per_replica[get_dp_group().rank_in_group])])
 
 
-def _tokenizer(setup: TknpSetup) -> Any:
+def load_tokenizer(setup: TknpSetup) -> Any:
+    """The checkpoint's tokenizer (the parent tokenizes and decodes; ranks see token ids only)."""
     from transformers import AutoTokenizer
 
     from hybridpar.models.default_checkpoint import resolve_model
@@ -197,9 +199,9 @@ def run_demo(model_name: str | None = None, tensor_parallel_size: int = 1, token
                       max_seq_len=max_seq_len, dtype=dtype)
     check_setup(setup)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = _tokenizer(setup)
+    tokenizer = load_tokenizer(setup)
     ids = [list(tokenizer(p).input_ids) for p in prompts]
-    per_replica = split_for_replicas(_requests(ids, max_new_tokens), data_parallel_size)
+    per_replica = split_for_replicas(make_requests(ids, max_new_tokens), data_parallel_size)
     world = config.world_size if config.token_parallel_enabled else tensor_parallel_size * data_parallel_size
     reports = launch(demo_rank, world, setup, per_replica, backend="gloo" if force_cpu else "auto", timeout=timeout)
     return collect(setup, reports, list(prompts), tokenizer)
