@@ -57,7 +57,7 @@ def test_static_decode_path_matches_reference_tp2() -> None:
 def test_cuda_graph_replay_equals_eager(tp: int) -> None:
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
-    for r in hybridpar.launch(graph_vs_eager_worker, tp, "llama-tiny", 6, 40, backend="nccl"):
-        assert r["captures"] >= 2  # at least two length buckets were captured
+    for r in hybridpar.launch(graph_vs_eager_worker, tp, "llama-tiny", 6, 50, backend="nccl"):
+        assert r["captures"] >= 2  # prompts of 5..20 tokens + 50 steps cross the 64-token length bucket
         assert r["same_tokens"]
         assert r["max_logit_diff"] < 0.05
