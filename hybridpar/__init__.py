@@ -56,6 +56,15 @@ _EXPORTS: dict[str, str] = {
     "valid_tp_sizes": "hybridpar.layers",
     "validate_tp_size": "hybridpar.layers",
     "ParallelConfigError": "hybridpar.config",
+    "get_tknp_rank": "hybridpar.distributed.parallel_state",
+    "get_tknp_world_size": "hybridpar.distributed.parallel_state",
+    "is_tknp_initialized": "hybridpar.distributed.parallel_state",
+    # token parallelism
+    "TokenParallelAttention": "hybridpar.tknp",
+    "AttentionWorker": "hybridpar.tknp",
+    "TknpEngine": "hybridpar.tknp",
+    "TknpScheduler": "hybridpar.tknp",
+    "compare_strategies": "hybridpar.tknp.memory",
     # RadixAttention serving
     "RadixCache": "hybridpar.radix",
     "Req": "hybridpar.radix",
