@@ -44,8 +44,16 @@ from hybridpar.radix.radix_cache import RadixCache
 from hybridpar.radix.serve_req import ServeReq
 
 
+LPM_MAX_QUEUE = 128  # SGLang's threshold: above it LPM skips the per-request prefix matching (acts as FCFS)
+
+
 class SchedulePolicy:
-    """Orders the waiting queue in place; returns the rids held back by in-batch deprioritisation."""
+    """Orders the waiting queue in place; returns the rids held back by in-batch deprioritisation.
+
+    LPM matches every waiting request against the tree each time a prefill batch is formed, so
+    its cost grows with the queue; like SGLang, a queue longer than :data:`LPM_MAX_QUEUE` is
+    served first-come first-served until it shrinks.
+    """
 
     def __init__(self, policy: str, tree_cache: RadixCache, in_batch_prefix_caching: bool = True,
                  check_threshold: int = 32, deprioritize_threshold: int = 32) -> None:
@@ -59,7 +67,7 @@ class SchedulePolicy:
 
     def calc_priority(self, waiting: list[ServeReq]) -> set[int | str]:
         waiting.sort(key=lambda r: r.arrival_seq)
-        if self.policy == "fcfs" or self.tree_cache.disable:
+        if self.policy == "fcfs" or self.tree_cache.disable or len(waiting) > LPM_MAX_QUEUE:
             return set()
         held: set[int | str] = set()
         # A throwaway token trie (page_size 1) of the prefixes this step is about to compute.
