@@ -9,7 +9,9 @@ steps with CUDA events, the host's work included (input preparation, greedy argm
 * ``reference``: the model's forward over :class:`~hybridpar.models.attention_backend.ContiguousKVCache`
   (what ``generate`` did before the fast path; kernels launched one by one from Python);
 * ``static``: the batched static decode path of :mod:`hybridpar.models.cuda_graph`, eager;
-* ``graph``: the same, replayed from a CUDA graph (``use_cuda_graph=True``).
+* ``graph``: the same, replayed from a CUDA graph (``use_cuda_graph=True``);
+* ``compiled``: the graph with RMSNorm, RoPE and SwiGLU fused by ``torch.compile``
+  (:mod:`hybridpar.models.fused_ops`; ``--modes ... compiled``).
 
 The roofline step reads every weight once and every request's KV once:
 ``t_roof = (weight bytes + B * context * KV bytes per token) / bandwidth``, with the bandwidth
@@ -70,16 +72,24 @@ def decode_step_fns(model, batch: int, context: int, modes: list[str]) -> dict:
 
         fns["reference"] = reference
         keep.append(cache)
-    for mode in ("static", "graph"):
+    for mode in ("static", "graph", "compiled"):
         if mode not in modes:
             continue
-        runner = ContiguousDecodeRunner(model, batch, context, use_cuda_graph=(mode == "graph"))
+        runner = ContiguousDecodeRunner(model, batch, context, use_cuda_graph=(mode != "static"))
         fill_random_(runner.cache.k_buffer + runner.cache.v_buffer)
         rows = runner.cache.alloc(batch)
         lens = [context] * batch
 
-        def step(runner=runner, rows=rows, lens=lens) -> list[int]:
-            return runner.decode(rows, lens, ids).argmax(-1).tolist()
+        def step(runner=runner, rows=rows, lens=lens, fused=(mode == "compiled")) -> list[int]:
+            from hybridpar.models.fused_ops import disable_compiled_ops, enable_compiled_ops
+
+            if not fused:
+                return runner.decode(rows, lens, ids).argmax(-1).tolist()
+            enable_compiled_ops()  # only while this runner captures (and replays) its graphs
+            try:
+                return runner.decode(rows, lens, ids).argmax(-1).tolist()
+            finally:
+                disable_compiled_ops()
 
         fns[mode] = step
         keep.append(runner)
@@ -129,12 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 128])
     p.add_argument("--context", type=int, default=256, help="KV tokens per request after the step")
     p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--modes", nargs="*", default=["reference", "static", "graph"])
+    p.add_argument("--modes", nargs="*", default=["reference", "static", "graph", "compiled"])
+    p.add_argument("--tag", default="", help="suffix of the results name (decode<tag>)")
     args = p.parse_args(argv)
     if args.cpu:
         models = args.models or ["qwen2-tiny", "llama-tiny"]
         batches, context, iters, dtype, backend = [1, 8], min(args.context, 64), 5, "float32", "gloo"
-        modes, copy_bytes = [m for m in args.modes if m != "graph"], 64 << 20
+        modes, copy_bytes = [m for m in args.modes if m not in ("graph", "compiled")], 64 << 20
     else:
         if not torch.cuda.is_available():
             p.error("no GPU: use --cpu for the miniature")
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     for m in modes:
         cols += [(f"{m}_ms", f"{m} ms", ".3f"), (f"{m}_tok_s", "tok/s", ".0f"), (f"{m}_roofline_frac", "of roof", ".2f")]
     print(format_table(res["rows"], cols))
-    path = write_results("decode", res, bench_env("cpu" if args.cpu else None))
+    path = write_results("decode" + args.tag, res, bench_env("cpu" if args.cpu else None))
     print(f"wrote {path}")
     return res
 
