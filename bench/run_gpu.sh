@@ -10,7 +10,7 @@ export HYBRIDPAR_RESULTS_DIR="$OUT/results" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 
 export HYBRIDPAR_CACHE=${HYBRIDPAR_CACHE:-/tmp/hybridpar-cache}
 PY=${PY:-python3}
 one="NVIDIA H200 (1 of nvidia-h200-x2)"; two="2x NVIDIA H200 (nvidia-h200-x2)"
-LIMIT=${LIMIT:-240}
+LIMIT=${LIMIT:-240}  # seconds per stage; LIMIT_<stage> overrides it for one stage
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)" | tee -a "$OUT/log.txt"
   case $stage in
@@ -20,9 +20,13 @@ for stage in "$@"; do
     vs_transformers) cmd=("$PY" bench/bench_vs_transformers.py); label=$one ;;
     tp_scaling) cmd=("$PY" bench/bench_tp_scaling.py); label=$two ;;
     radix) cmd=("$PY" bench/bench_radix.py); label=$one ;;
-    tknp) cmd=("$PY" bench/bench_tknp.py); label=$two ;;
+    tknp) cmd=("$PY" bench/bench_tknp.py --iters 6); label=$two ;;
+    decode_compiled) cmd=("$PY" bench/bench_decode.py --modes graph compiled --tag _compiled); label=$one ;;
+    vs_transformers_compiled) cmd=("$PY" bench/bench_vs_transformers.py --compile
+      --hf-from bench/results/vs_transformers-nvidia-h200-2026-11-21.json); label=$one ;;
     *) echo "unknown stage $stage"; continue ;;
   esac
-  HYBRIDPAR_DEVICE_LABEL=$label timeout "$LIMIT" "${cmd[@]}" 2>&1 | tee -a "$OUT/log.txt" | tail -60
+  limit_var="LIMIT_$stage"; limit=${!limit_var:-$LIMIT}
+  HYBRIDPAR_DEVICE_LABEL=$label timeout "$limit" "${cmd[@]}" 2>&1 | tee -a "$OUT/log.txt" | tail -60
   echo "=== $stage exit ${PIPESTATUS[0]} $(date -u +%H:%M:%S)" | tee -a "$OUT/log.txt"
 done
