@@ -66,6 +66,25 @@ def test_default_checkpoint_is_a_hard_qwen2_case_that_transformers_loads(qwen2):
     assert tok.eos_token_id == hf.eos_token_id == cfg.eos_token_ids[0]
 
 
+@pytest.mark.parametrize("name", ["qwen2", "llama"])
+def test_copy_circuit_gives_peaked_logits_that_repeat_the_last_8_tokens(name, request):
+    """transformers' own greedy decoding of the built-in model repeats the prompt's last 8 tokens, and
+    the chosen token leads the runner-up by far more than bf16 noise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = request.getfixturevalue(name)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    ids = AutoTokenizer.from_pretrained(path)("The capital of France is", return_tensors="pt").input_ids
+    n = ids.shape[1]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+        logits = model(out).logits[0, n - 1:-1]
+    seq = out[0].tolist()
+    assert all(seq[j] == seq[j - 8] for j in range(n, len(seq)))
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 2.0
+
+
 def test_llama_variant_is_untied_with_llama3_rope_and_bos(llama):
     from transformers import AutoConfig, AutoTokenizer
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
