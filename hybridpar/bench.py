@@ -204,7 +204,12 @@ def builtin_hf_config(name: str) -> dict[str, Any]:
 
 def random_checkpoint(name: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
                       seed: int | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of recipe ``name``'s checkpoint, drawn on ``device`` (same names and scales as the files)."""
+    """Every tensor of recipe ``name``'s checkpoint, drawn on ``device`` by the recipe's random rule.
+
+    For the realistic shapes (``qwen2.5-0.5b-shape``, ``llama-7b-shape``, ...) the files hold the
+    same rule's values drawn on the CPU; the tiny recipes' files add structure (see
+    :mod:`hybridpar.models.default_checkpoint`), which benchmarks do not need.
+    """
     from hybridpar.models.default_checkpoint import BUILTIN_MODELS, checkpoint_tensor_shapes, make_tensor
 
     spec = BUILTIN_MODELS[name]
