@@ -401,20 +401,20 @@ def flow_html(flow: StepFlow, stage: str) -> str:
 
 
 def tknp_flow_explorer(flows: Sequence[StepFlow] | None = None) -> ipywidgets.VBox:
-    """Every stage of every flow drawn in advance; a layout dropdown and a stage slider (with a play
-    button) are ``jslink``-ed to nested ``Stack`` widgets, so it works in the static book, with no kernel.
+    """Every stage of every flow drawn in advance; a layout dropdown and a stage slider are ``jslink``-ed
+    to nested ``Stack`` widgets, so it works in the static book, with no kernel.
 
-    Default flows: the tiny model's :data:`DEFAULT_REQUESTS` under each of :data:`LAYOUTS`.
+    Default flows: the tiny model's :data:`DEFAULT_REQUESTS` under each of :data:`LAYOUTS`. (No
+    ``Play`` button: in the book, the theme's Font Awesome script swaps the button's icon element
+    for an SVG, the Play view then throws on every value change, and the exception stops the
+    slider's other links.)
     """
     import ipywidgets as widgets
 
     flows = list(flows) if flows is not None else [step_flow("tiny", t, k) for t, k in LAYOUTS]
     style = {"description_width": "initial"}
     pick = widgets.Dropdown(options=[f.label for f in flows], description="layout", style=style)
-    last = len(STAGES) - 1
-    slider = widgets.IntSlider(value=0, min=0, max=last, description="stage", style=style)
-    play = widgets.Play(value=0, min=0, max=last, interval=2000, description="play")
-    widgets.jslink((play, "value"), (slider, "value"))
+    slider = widgets.IntSlider(value=0, min=0, max=len(STAGES) - 1, description="stage", style=style)
     per_flow = []
     for flow in flows:
         inner = widgets.Stack([widgets.HTML(frame_html(flow, f)) for f in flow_frames(flow)], selected_index=0)
@@ -422,7 +422,7 @@ def tknp_flow_explorer(flows: Sequence[StepFlow] | None = None) -> ipywidgets.VB
         per_flow.append(inner)
     outer = widgets.Stack(per_flow, selected_index=0)
     widgets.jslink((pick, "index"), (outer, "selected_index"))
-    return widgets.VBox([widgets.HBox([pick, play, slider]), outer])
+    return widgets.VBox([widgets.HBox([pick, slider]), outer])
 
 
 def random_requests(num_requests: int, seed: int = 0, max_prompt: int = 32, decode_steps: int = 4,
