@@ -21,7 +21,7 @@ lock changes, ``cache_*_req``; outermost calls timed) as a share of the run.
 
     python bench/bench_radix.py                          # GPU: qwen2.5-0.5b-shape, 16 x 16 x 2048 / 128 / 64
     python bench/bench_radix.py --groups 64 --outputs 256  # SGLang's defaults (takes minutes)
-    python bench/bench_radix.py --cpu                    # miniature: qwen2-tiny, 4 x 4 x 64 / 8 / 8
+    python bench/bench_radix.py --cpu                    # miniature: qwen2-tiny, 2 x 4 x 32 / 8 / 4
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def worker(model_name: str, dtype_name: str, shape: dict, graphs: bool, server: 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cpu", action="store_true", help="miniature: qwen2-tiny, fp32, 4 x 4 x 64 / 8 / 8")
+    p.add_argument("--cpu", action="store_true", help="miniature: qwen2-tiny, fp32, 2 x 4 x 32 / 8 / 4")
     p.add_argument("--model", default=None)
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--prompts", type=int, default=16)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.cpu:
         model, dtype, backend, graphs = args.model or "qwen2-tiny", "float32", "gloo", False
-        shape = dict(G=4, P=4, S=64, Q=8, O=8)
+        shape = dict(G=2, P=4, S=32, Q=8, O=4)
         server = dict(max_running_requests=8, max_total_tokens=2048)
     else:
         if not torch.cuda.is_available():

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args(argv)
     if args.cpu:
-        name, contexts, batches, iters, dtype, backend = args.model or "llama-tiny", [64, 256], [2, 4], 3, "float32", "gloo"
+        name, contexts, batches, iters, dtype, backend = args.model or "llama-tiny", [64, 256], [2], 3, "float32", "gloo"
         mem = 8 << 30
     else:
         if torch.cuda.device_count() < 2:

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=30)
     args = p.parse_args(argv)
     if args.cpu:
-        model, batches, context, iters, dtype, backend = args.model or "llama-tiny", [1, 8], 64, 5, "float32", "gloo"
+        model, batches, context, iters, dtype, backend = args.model or "llama-tiny", [1, 4], 64, 3, "float32", "gloo"
     else:
         if torch.cuda.device_count() < 2:
             p.error("needs 2 GPUs; use --cpu for the gloo miniature")

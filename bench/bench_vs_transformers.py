@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.cpu:
         models = args.models or ["qwen2-tiny", "llama-tiny"]
-        batch, prompt, new, dtype, backend = min(args.batch, 4), min(args.prompt, 16), min(args.new, 16), "float32", "gloo"
+        batch, prompt, new, dtype, backend = min(args.batch, 2), min(args.prompt, 8), min(args.new, 8), "float32", "gloo"
     else:
         if not torch.cuda.is_available():
             p.error("no GPU: use --cpu for the miniature")
