@@ -108,11 +108,13 @@ def plot_decode_roofline(rows: list[dict[str, Any]], bandwidth: float, peak_flop
     for model, color in colors.items():
         mrows = sorted((r for r in rows if r["model"] == model), key=lambda r: r["batch"])
         batches = [r["batch"] for r in mrows]
-        ax2.loglog(batches, [r["roofline_s"] * 1e3 for r in mrows], "-", color=color, lw=3, alpha=0.35, base=2)
+        ax2.plot(batches, [r["roofline_s"] * 1e3 for r in mrows], "-", color=color, lw=3, alpha=0.35)
         for mode, style, _ in MODES:
             pts = [(r["batch"], r[f"{mode}_s"] * 1e3) for r in mrows if f"{mode}_s" in r]
             if pts:
-                ax2.loglog(*zip(*pts), style, color=color, base=2, ms=4)
+                ax2.plot(*zip(*pts), style, color=color, ms=4)
+        ax2.set_xscale("log", base=2)
+        ax2.set_yscale("log")
         ax2.set_xticks(batches, [str(b) for b in batches])
     ax2.plot([], [], "-", color="gray", lw=3, alpha=0.35, label="HBM roofline step")
     for mode, style, label in MODES:
