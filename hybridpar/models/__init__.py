@@ -11,6 +11,9 @@ module                                 concept
 :mod:`~.loader`                        sharded (get_slice) vs full safetensors loading
 :mod:`~.sampling`, :mod:`~.generate`   greedy / top-k / top-p, batched generation
 :mod:`~.model_wrapper`                 ``TPRadixAttentionModelWrapper``
+:mod:`~.decode_attention`              batched decode attention (no per-request loop)
+:mod:`~.cuda_graph`                    CUDA-graph capture/replay of the decode step
+:mod:`~.fused_ops`                     opt-in ``torch.compile`` of RMSNorm/RoPE/SwiGLU
 :mod:`~.shard_report`                  per-rank shard reports for notebooks
 :mod:`~.verify`                        TP vs transformers check (CLI)
 =====================================  ===============================================
