@@ -57,7 +57,7 @@ def tp_sweep(tp_sizes: list[int], models: dict[str, dict[str, Any]], paths: dict
     (logits, greedy tokens via :func:`model_checks`), run the extra checks (``extra_tp``; with the
     generation checks for ``generation_tp``), tear the groups down.
 
-    ``models[name] = {"path", "prompts", "continuations"}``. Global rank 0 returns everything;
+    ``models[name] = {"path", "prompts", "continuations", "tp_sizes"}``. Global rank 0 returns everything;
     the other ranks return a per-TP summary of what they hold.
     """
     results: dict[int, dict[str, Any]] = {}
@@ -65,6 +65,8 @@ def tp_sweep(tp_sizes: list[int], models: dict[str, dict[str, Any]], paths: dict
         initialize_tensor_parallel(tp)
         res: dict[str, Any] = {}
         for name, spec in models.items():
+            if tp not in spec["tp_sizes"]:
+                continue
             res[name] = model_checks(spec["path"], spec["prompts"], spec["continuations"],
                                      len(spec["continuations"][0]))
         if tp in extra_tp:
