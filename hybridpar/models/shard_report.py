@@ -134,10 +134,10 @@ def format_reports(reports: list[RankReport]) -> str:
     lines.append(f"full model: {full:,} parameters; sum over ranks: {sum(r.num_parameters for r in reports):,} "
                  f"(replicated norms and vocabulary padding counted on every rank)")
     lines.append("")
-    lines.append(f"{'tensor':<44} {'split':<10} " + " ".join(f"{'rank ' + str(r.rank):>14}" for r in reports))
+    lines.append(f"{'tensor':<48} {'split':<10} " + " ".join(f"{'rank ' + str(r.rank):>14}" for r in reports))
     for i, t in enumerate(reports[0].tensors):
         if ".layers." in t.name and ".layers.0." not in t.name:
             continue
         shapes = " ".join(f"{str(r.tensors[i].local_shape):>14}" for r in reports)
-        lines.append(f"{t.name:<44} {t.split:<10} {shapes}")
+        lines.append(f"{t.name:<48} {t.split:<10} {shapes}")
     return "\n".join(lines)
