@@ -36,6 +36,18 @@ for what in "${@:-tests verify}"; do for w in $what; do case $w in
     run verify_tknp4 python3 -m hybridpar.tknp.verify --token-parallel-size 4 --backend nccl ;;
   labs)
     for lab in labs/*.ipynb; do run "lab_$(basename "$lab" .ipynb)" python3 -m hybridpar.book.run_labs "$lab" --timeout 300; done ;;
+  labs_parallel)  # every lab at once (a 2-GPU host has 32 cores); each lab's ranks use both GPUs
+    pids=()
+    for lab in labs/*.ipynb; do
+      name="lab_$(basename "$lab" .ipynb)"
+      ( python3 -m hybridpar.book.run_labs "$lab" --timeout 300 > "$OUT/$name.log" 2>&1; echo "== $name: exit $?" >> "$OUT/$name.log" ) &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    for lab in labs/*.ipynb; do
+      name="lab_$(basename "$lab" .ipynb)"; tail -n 3 "$OUT/$name.log"; tail -n 1 "$OUT/$name.log" >> "$OUT/summary.log"
+      grep -q "exit 0$" "$OUT/$name.log" || status=1
+    done ;;
   *) echo "unknown check $w"; status=2 ;;
 esac; done; done
 cat "$OUT/summary.log"
