@@ -29,6 +29,12 @@ for what in "${@:-tests verify}"; do for w in $what; do case $w in
     run verify_tp2_bf16 python3 -m hybridpar.models.verify --tp 2 --dtype bf16 --backend nccl
     run verify_llama_tp2_bf16 python3 -m hybridpar.models.verify --tp 2 --dtype bf16 --backend nccl --model-name llama-tiny
     run verify_tknp2 python3 -m hybridpar.tknp.verify --token-parallel-size 2 --backend nccl ;;
+  verify_bf16)  # both tiny families at once
+    python3 -m hybridpar.models.verify --tp 2 --dtype bf16 --backend nccl > "$OUT/verify_tp2_bf16.log" 2>&1 &
+    p1=$!
+    run verify_llama_tp2_bf16 python3 -m hybridpar.models.verify --tp 2 --dtype bf16 --backend nccl --model-name llama-tiny
+    wait $p1 && echo "== verify_tp2_bf16: exit 0" | tee -a "$OUT/summary.log" || { echo "== verify_tp2_bf16: FAILED" | tee -a "$OUT/summary.log"; status=1; }
+    tail -n 12 "$OUT/verify_tp2_bf16.log" ;;
   verify4)
     run verify_tp4_fp32 python3 -m hybridpar.models.verify --tp 4 --dtype fp32 --backend nccl
     run verify_tp4_bf16 python3 -m hybridpar.models.verify --tp 4 --dtype bf16 --backend nccl
@@ -40,7 +46,8 @@ for what in "${@:-tests verify}"; do for w in $what; do case $w in
     pids=()
     for lab in labs/*.ipynb; do
       name="lab_$(basename "$lab" .ipynb)"
-      ( python3 -m hybridpar.book.run_labs "$lab" --timeout 300 > "$OUT/$name.log" 2>&1; echo "== $name: exit $?" >> "$OUT/$name.log" ) &
+      ( python3 -m hybridpar.book.run_labs "$lab" --timeout 300 > "$OUT/$name.log" 2>&1; rc=$?
+        echo "== $name: exit $rc" >> "$OUT/$name.log"; echo "== $name: exit $rc ($SECONDS s)" ) &
       pids+=($!)
     done
     wait "${pids[@]}"
