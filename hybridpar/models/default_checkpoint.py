@@ -17,13 +17,12 @@ and by ``transformers.AutoModelForCausalLM.from_pretrained`` for the reference r
 
 Invariants:
 
-* Weights are a pure function of the recipe. The realistic shapes are random: every tensor draws
-  from its own generator, seeded from the recipe seed and the tensor name (:func:`make_tensor`).
-  The tiny recipes are *trained* for 10-15 CPU-seconds on a fixed English text when first written
-  (:mod:`hybridpar.models.tiny_corpus`: why, the recipe, and its bit-for-bit determinism on one
-  torch build and CPU), so their logits are peaked (bf16 and fp32 agree on greedy tokens) and their
-  greedy text is readable. Either way a sharded and an unsharded copy of one recipe hold identical
-  tensors (:func:`recipe_tensor`).
+* Weights are a pure function of (recipe, tensor name): every tensor draws from its own generator,
+  seeded from the recipe seed and the tensor name, so a sharded and an unsharded copy of the same
+  recipe hold identical tensors (:func:`recipe_tensor`).
+* The tiny Qwen2 and Llama recipes wire a small *copy circuit* into layer 0 on top of the random
+  weights (see :func:`_copy_circuit`): greedy text repeats the last 8 tokens, with logit gaps large
+  enough that bf16 and fp32 pick the same tokens, as with a trained model.
 * Writing is atomic: files go to a temporary sibling directory that is renamed into place, so
   concurrent ranks or processes either see no directory or a complete one.
 * The directory name carries a hash of the recipe: changing a recipe never reuses a stale copy.
@@ -34,6 +33,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -44,11 +44,9 @@ from typing import Any
 
 import torch
 
-from hybridpar.models.tiny_corpus import TrainRecipe, train_on_corpus
-
 BUILTIN_PREFIX = "hybridpar/"
 DEFAULT_MODEL = "qwen2-tiny"
-_RECIPE_VERSION = 4  # bump when the way tensors are generated changes
+_RECIPE_VERSION = 3  # bump when the way tensors are generated changes
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -86,14 +84,13 @@ class ModelSpec:
     dtype: str = "float32"  # storage dtype of the safetensors files
     seed: int = 0
     num_shards: int = 1  # > 1 writes model.safetensors.index.json
-    training: TrainRecipe | None = None  # trained on the tiny corpus (tiny_corpus); None: random weights
+    copy_period: int | None = None  # wire a copy circuit (see _copy_circuit); None: purely random weights
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def hash(self) -> str:
         blob = json.dumps([_RECIPE_VERSION, self.name, self.config, self.tokenizer.__dict__, self.dtype,
-                           self.seed, self.num_shards,
-                           self.training.fingerprint() if self.training else None], sort_keys=True, default=str)
+                           self.seed, self.num_shards, self.copy_period], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -131,7 +128,7 @@ _LLAMA_BOS = LLAMA_TOKENIZER.token_id("<|begin_of_text|>")
 _LLAMA_EOS = [LLAMA_TOKENIZER.token_id("<|end_of_text|>"), LLAMA_TOKENIZER.token_id("<|eot_id|>")]
 # llama3 scaling with a short original context and rope_theta=50, so that head_dim=8 hits all three
 # frequency bands of the llama3 rule (wavelengths 6.3 and 16.7 kept, 44 smoothed, 118 divided by the
-# factor).
+# factor) and still has enough fast frequencies for a sharp positional attention head.
 _TINY_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                         "high_freq_factor": 4.0, "original_max_position_embeddings": 100}
 
@@ -142,27 +139,24 @@ _QWEN3_TINY = {
                     dtype="float32"),
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32, "attention_bias": False,
 }
-_TINY_TRAINING = TrainRecipe()  # 10-15 CPU-seconds per recipe; see hybridpar.models.tiny_corpus
 
 BUILTIN_MODELS: dict[str, ModelSpec] = {
     spec.name: spec for spec in [
-        ModelSpec("qwen2-tiny", _QWEN2_TINY, QWEN_TOKENIZER, seed=1234, training=_TINY_TRAINING,
+        ModelSpec("qwen2-tiny", _QWEN2_TINY, QWEN_TOKENIZER, seed=1234, copy_period=8,
                   description="Qwen2 architecture, 2 layers, hidden 64, 4 query / 2 KV heads (GQA), QKV bias, "
-                              "tied embeddings, vocab 259 (not a multiple of 2 or 4); fp32; trained on the tiny "
-                              "corpus (recites it). The default."),
-        ModelSpec("qwen2-tiny-sharded", _QWEN2_TINY, QWEN_TOKENIZER, seed=1234, num_shards=2, training=_TINY_TRAINING,
+                              "tied embeddings, vocab 259 (not a multiple of 2 or 4); fp32; copy circuit (greedy "
+                              "text repeats the last 8 tokens). The default."),
+        ModelSpec("qwen2-tiny-sharded", _QWEN2_TINY, QWEN_TOKENIZER, seed=1234, num_shards=2, copy_period=8,
                   description="qwen2-tiny split over 2 safetensors files + model.safetensors.index.json "
                               "(same tensors as qwen2-tiny)."),
         ModelSpec("llama-tiny", _llama_config(261, 64, 160, 2, 8, 4, head_dim=8, max_pos=512, rope_theta=50.0,
                                               rope_scaling=_TINY_LLAMA3_SCALING, bos=_LLAMA_BOS, eos=_LLAMA_EOS,
                                               dtype="float32"),
-                  LLAMA_TOKENIZER, seed=4321, training=_TINY_TRAINING,
+                  LLAMA_TOKENIZER, seed=4321, copy_period=8,
                   description="Llama architecture, 2 layers, hidden 64, 8 query / 4 KV heads, head_dim 8, untied, "
-                              "no bias, llama3 rope scaling, two EOS ids, BOS prepended; fp32; trained on the tiny "
-                              "corpus."),
-        ModelSpec("qwen3-tiny", _QWEN3_TINY, QWEN_TOKENIZER, seed=777, training=_TINY_TRAINING,
-                  description="Qwen3 architecture (q/k RMSNorm), head_dim 32 != hidden/heads, tied; fp32; trained "
-                              "on the tiny corpus."),
+                              "no bias, llama3 rope scaling, two EOS ids, BOS prepended; fp32; copy circuit."),
+        ModelSpec("qwen3-tiny", _QWEN3_TINY, QWEN_TOKENIZER, seed=777,
+                  description="Qwen3 architecture (q/k RMSNorm), head_dim 32 != hidden/heads, tied; fp32."),
         ModelSpec("qwen2.5-0.5b-shape",
                   _qwen2_config(151936, 896, 4864, 24, 14, 2, max_pos=32768, rope_theta=1000000.0, eos=_QWEN_EOS,
                                 tie=True, dtype="bfloat16"),
@@ -233,7 +227,7 @@ def make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype
 
     Random weights make a poor language model; these scales keep it from collapsing into
     repeating one token (so greedy generation exercises many decode paths). They do not make the
-    logits peaked: the tiny recipes are trained instead (:func:`recipe_tensor`).
+    logits peaked: for that the tiny recipes add the copy circuit on top (:func:`recipe_tensor`).
 
     * embedding / LM-head rows: random directions, every row of norm ``0.25 * sqrt(hidden)``
       (equal norms: no token wins just by having a long embedding);
@@ -257,18 +251,94 @@ def make_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype
     return x.to(dtype)
 
 
+# The copy circuit. Random weights give flat, Gaussian-like logits: their top-2 gaps are often far
+# below the ~1% relative noise of bf16, so bf16 and fp32 (or two bf16 kernels) soon pick different
+# greedy tokens. Trained models have peaked logits. The tiny recipes therefore wire one readable
+# circuit into layer 0 and keep every other weight random:
+#
+# * embeddings: e_t = [A, r_t, 0...]: a constant channel 0 and a random direction r_t (norm RHO) in
+#   the D = kv_heads * head_dim "copy" channels 1..D (untied LM heads: the same rows + 10% noise);
+# * layer-0 q and k read only the constant channel, so they are the same vector for every token:
+#   with RoPE the score depends on the distance alone, and the k phases put its peak (margin of
+#   several units) at distance period-1. Every head attends to the token period-1 back;
+# * v copies channels 1..D (KV head g takes block g), o writes them back scaled by COPY, so the last
+#   hidden state is dominated by r of the token period-1 back, and the (tied) LM head predicts it.
+#
+# Greedy generation therefore repeats the last ``period`` tokens ("France is" -> "rance isrance is"),
+# with top-2 logit gaps of several units, while the random layers still perturb every logit (any
+# bug in attention, RoPE, KV heads or sharding changes them far beyond 1e-4).
+_A, _RHO, _COPY, _SCORE, _RANDOM_SCALE = 1.0, 2.0, 6.0, 64.0, 0.5
+
+
+def _copy_circuit(spec: ModelSpec, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Rewire the float32 tensor ``x`` (``make_tensor``'s value of ``name``) for ``spec``'s copy circuit."""
+    from hybridpar.models.config import RopeConfig
+    from hybridpar.models.rotary import inverse_frequencies
+
+    cfg = spec.config
+    h, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    d = kv * hd
+    if d + 1 > h:
+        raise ValueError(f"copy circuit needs kv_heads * head_dim < hidden_size for recipe {spec.name}")
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        base = x if name == "model.embed_tokens.weight" else \
+            make_tensor("model.embed_tokens.weight", tuple(x.shape), spec.seed, torch.float32, x.device)
+        r = base[:, :d] / base[:, :d].norm(dim=1, keepdim=True) * _RHO
+        if name == "lm_head.weight":
+            r = r + 0.1 * _RHO * x[:, :d] / x[:, :d].norm(dim=1, keepdim=True)
+        e = torch.zeros_like(x)
+        e[:, 0], e[:, 1:1 + d] = _A, r
+        return e
+    if not name.startswith("model.layers."):
+        return x
+    if not name.startswith("model.layers.0.self_attn."):
+        return x * _RANDOM_SCALE if name.endswith("proj.weight") else x
+    proj, kind = name.split(".")[-2:]
+    if kind == "bias":
+        return torch.zeros_like(x)
+    sc = cfg.get("rope_scaling") or {}
+    rope = RopeConfig(theta=cfg["rope_theta"], rope_type=sc.get("rope_type", "default"), factor=sc.get("factor", 1.0),
+                      low_freq_factor=sc.get("low_freq_factor", 1.0), high_freq_factor=sc.get("high_freq_factor", 4.0),
+                      original_max_position_embeddings=sc.get("original_max_position_embeddings",
+                                                              cfg["max_position_embeddings"]))
+    inv_freq = inverse_frequencies(rope, hd)
+    pairs = [i for i in range(hd // 2) if inv_freq[i] >= 0.005]
+    w0 = make_tensor("model.layers.0.input_layernorm.weight", (h,), spec.seed, torch.float32)[0].item()
+    kappa = _A / ((_A ** 2 + _RHO ** 2) / h + cfg["rms_norm_eps"]) ** 0.5 * w0  # channel 0 after the norm
+    amp = (_SCORE * hd ** 0.5 / len(pairs)) ** 0.5  # |q pair| = |k pair|: score per pair = amp^2 / sqrt(hd)
+    w = torch.zeros_like(x)
+    if proj == "q_proj":
+        for head in range(heads):
+            for i in pairs:
+                w[head * hd + i, 0] = amp / kappa
+    elif proj == "k_proj":  # k pair = q pair rotated by freq * (period - 1): scores peak at that distance
+        for g in range(kv):
+            for i in pairs:
+                angle = float(inv_freq[i]) * (spec.copy_period - 1)
+                w[g * hd + i, 0] = amp * math.cos(angle) / kappa
+                w[g * hd + i + hd // 2, 0] = amp * math.sin(angle) / kappa
+    elif proj == "v_proj":
+        for g in range(kv):
+            for i in range(hd):
+                w[g * hd + i, 1 + g * hd + i] = 1.0
+    else:  # o_proj: the query heads of KV group g write block g back, summing to COPY * r (pre-norm scale)
+        group = heads // kv
+        pre_norm = (h / (_A ** 2 + _RHO ** 2)) ** 0.5
+        for head in range(heads):
+            g = head // group
+            for i in range(hd):
+                w[1 + g * hd + i, head * hd + i] = _COPY / group / pre_norm
+    return w
+
+
 def recipe_tensor(spec: ModelSpec, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """The value of checkpoint tensor ``name`` of recipe ``spec``: trained (tiny recipes) or random."""
-    if spec.training is None:
-        return make_tensor(name, shape, spec.seed, dtype, device)
-    t = spec.tokenizer
-    bos = t.token_id(t.bos_token) if t.add_bos and t.bos_token else None
-    x = train_on_corpus(spec.config, spec.seed, bos, spec.training)[name]
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"recipe {spec.name}: trained tensor {name} has shape {tuple(x.shape)}, "
-                         f"the checkpoint layout expects {tuple(shape)}")
-    return x.to(device=device, dtype=dtype)
+    """The value of checkpoint tensor ``name`` of recipe ``spec`` (random, plus the copy circuit if any)."""
+    x = make_tensor(name, shape, spec.seed, torch.float32, device)
+    if spec.copy_period is not None:
+        x = _copy_circuit(spec, name, x)
+    return x.to(dtype)
 
 
 def _write_weights(spec: ModelSpec, out: Path) -> None:
