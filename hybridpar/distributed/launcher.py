@@ -57,6 +57,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 _PG_TIMEOUT_SLACK_S = 10.0  # the process-group timeout exceeds the launch timeout by this much
 _KILL_GRACE_S = 2.0  # SIGTERM, wait this long, then SIGKILL
 _SETTLE_S = 0.5  # after a first failure, collect others this long to find the root cause
+_POLL_S = 0.25  # longest single wait, so that a pending Ctrl-C is acted on promptly
 
 
 class RankFailedError(RuntimeError):
@@ -294,12 +295,14 @@ def _launch_once(fn: Callable[..., Any], nprocs: int, args: tuple, kwargs: dict,
         results: dict[int, Any] = {}
         failures: list[_Failure] = []
         while len(results) + len(failures) < nprocs:
-            if failures:  # let secondary failures arrive, so that the root cause can be picked
-                remaining = min(deadline, failures[0].seen + _SETTLE_S) - time.monotonic()
-            else:
-                remaining = deadline - time.monotonic()
-            ready = wait(list(conns) + list(sentinels), timeout=max(0.0, remaining))
+            # After a first failure, let secondary failures arrive so that the root cause can be picked.
+            limit = min(deadline, failures[0].seen + _SETTLE_S) if failures else deadline
+            # Wait in short slices: a Ctrl-C (SIGINT) that lands on another thread of this process, as
+            # it can in a Jupyter kernel, raises KeyboardInterrupt only when the main thread runs Python.
+            ready = wait(list(conns) + list(sentinels), timeout=min(_POLL_S, max(0.0, limit - time.monotonic())))
             if not ready:
+                if time.monotonic() < limit:
+                    continue
                 if failures:
                     break
                 raise LaunchTimeoutError([r for r in range(nprocs) if r not in results], timeout)
