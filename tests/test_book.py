@@ -156,6 +156,7 @@ def browser() -> Iterator[object]:
 def open_page(browser: object, url: str, theme: str | None = None) -> tuple[object, PageReport]:
     """Load ``url`` with every non-local request blocked; returns the page and what went wrong."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(120_000)  # generous: a loaded 2-core CI box parses the widget bundle slowly
     if theme:
         context.add_init_script(f"localStorage.setItem('mode', '{theme}')")
     page = context.new_page()
@@ -181,7 +182,7 @@ def open_page(browser: object, url: str, theme: str | None = None) -> tuple[obje
 
 
 def wait_for_widgets(page: object) -> int:
-    """Wait (up to 30 s) until every widget view script has a rendered view; returns the number of views.
+    """Wait (up to 90 s) until every widget view script has a rendered view; returns the number of views.
 
     Callers compare it with the views actually rendered, so a missing view fails with a count.
     """
@@ -192,7 +193,7 @@ def wait_for_widgets(page: object) -> int:
         try:
             page.wait_for_function(
                 f"document.querySelectorAll('.widget-subarea > .jupyter-widgets').length >= {views}",
-                timeout=30_000,
+                timeout=90_000,
             )
         except PlaywrightTimeoutError:
             pass
