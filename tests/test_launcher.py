@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from hybridpar.distributed.launcher import (
     run_torchrun,
 )
 from tests import launcher_workers as workers
+from tests.torchrun_util import run_under_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,17 +191,7 @@ def test_run_torchrun_outside_torchrun_says_what_to_use(monkeypatch):
 
 
 def test_run_torchrun_under_torchrun():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), "tests/torchrun_script.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_under_torchrun(2, "tests/torchrun_script.py", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, proc.stdout

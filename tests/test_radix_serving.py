@@ -7,11 +7,7 @@ transformers' greedy continuation of the same checkpoint.
 
 from __future__ import annotations
 
-import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,12 @@ import torch
 from hybridpar.distributed.launcher import launch
 from hybridpar.models.attention_backend import ForwardBatch, ForwardMode
 from hybridpar.models.sampling import SamplingParams
-from hybridpar.radix import MHATokenToKVPool, RadixCache, ReqToTokenPool, TokenToKVPoolAllocator
+from hybridpar.radix import (
+    MHATokenToKVPool,
+    RadixCache,
+    ReqToTokenPool,
+    TokenToKVPoolAllocator,
+)
 from hybridpar.radix.allocation import alloc_for_decode, alloc_for_extend, start_req
 from hybridpar.radix.paged_backend import RadixAttentionBackend
 from hybridpar.radix.pool_sync import (
@@ -35,6 +36,7 @@ from hybridpar.radix.serve_req import ServeReq
 from hybridpar.radix.server_args import ServerArgs
 from hybridpar.radix.workload import SharedPrefixWorkload, theoretical_hit_rate
 from tests import radix_serving_workers as workers
+from tests.torchrun_util import run_under_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOAD = SharedPrefixWorkload(num_groups=3, prompts_per_group=4, system_len=32, question_len=8, output_len=4)
@@ -344,16 +346,8 @@ DEMO_ARGS = ["--groups", "2", "--prompts-per-group", "3", "--system-len", "32", 
 
 
 def test_demo_under_torchrun_prints_outputs_and_the_theoretical_hit_rate():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), "-m", "hybridpar.demos.radix_demo", "--force-cpu", "--model-name", "qwen2-tiny",
-         *DEMO_ARGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_under_torchrun(2, "-m", "hybridpar.demos.radix_demo", "--force-cpu", "--model-name", "qwen2-tiny",
+                              *DEMO_ARGS, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "TP=2 on cpu, 6 requests" in out and out.count("group ") == 6

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from hybridpar.config import ParallelConfig, ParallelConfigError
 from hybridpar.distributed.parallel_state import compute_layout
 from hybridpar.tknp.cli import main, parse_args
+from tests.torchrun_util import run_under_torchrun
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,16 +93,8 @@ def test_tknp2_demo_and_dp2_under_torchrun_give_the_same_text(capsys):
     assert root["param_bytes"] > 0 and worker["param_bytes"] == 0 and worker["parameter_objects"] == 0
     assert worker["worker_new_tokens"] > 0 and sorted(set(result["placement"])) == [0, 1]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), "-m", "hybridpar.demos.tknp_demo",
-                           "--data-parallel-size", "2", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
+    proc = run_under_torchrun(2, "-m", "hybridpar.demos.tknp_demo",
+                              "--data-parallel-size", "2", *flags, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.splitlines()
     dp = json.loads(out[-1])
