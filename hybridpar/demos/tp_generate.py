@@ -10,8 +10,8 @@ From a plain shell or a notebook (spawns the ranks with :func:`hybridpar.launch`
     from hybridpar.demos.tp_generate import run_demo
     run_demo(tp_size=2)
 
-The model defaults to the built-in ``hybridpar/qwen2-tiny`` (random weights: the text is gibberish,
-but every rank produces the same tokens as transformers would). ``--model-name`` takes another
+The model defaults to the built-in ``hybridpar/qwen2-tiny`` (random weights plus a copy circuit: it
+repeats the last 8 bytes, and every rank produces the same tokens as transformers would). ``--model-name`` takes another
 built-in (``llama-tiny``, ``qwen2.5-0.5b-shape``, ...), a local checkpoint directory or a hub id.
 """
 
