@@ -41,8 +41,9 @@ BASELINE = "no cache"
 
 @dataclass(frozen=True)
 class PlanRecord:
-    """One step plan as a rank executed it. ``k_checksum``: sum of this rank's layer-0 keys at
-    ``out_cache_loc`` after the forward (its own KV heads: differs between ranks)."""
+    """One step plan as a rank executed it. ``k_checksum``: sum of this rank's last-layer keys at
+    ``out_cache_loc`` after the forward (its own KV heads: differs between ranks; the last layer, since
+    the built-in checkpoints wire the same copy circuit into both KV heads of layer 0)."""
 
     kind: str
     rids: list[int]
@@ -67,7 +68,7 @@ class PlanRecordingScheduler(TPScheduler):
     def _execute(self, plan: StepPlan) -> torch.Tensor | None:
         logits = super()._execute(plan)
         loc = torch.tensor(plan.out_cache_loc, dtype=torch.int64, device=self.device)
-        k = self.kv_pool.get_key_buffer(0)[loc]
+        k = self.kv_pool.get_key_buffer(self.kv_pool.layer_num - 1)[loc]
         self.plans.append(PlanRecord(plan.kind, list(plan.rids), list(plan.prefix_lens), list(plan.extend_lens),
                                      list(plan.out_cache_loc), round(float(k.double().sum()), 4)))
         return logits
