@@ -112,9 +112,15 @@ def test_keyboard_interrupt_kills_every_rank(tmp_path):
         # as in a Jupyter kernel: the launcher must still notice it promptly.
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt_once_ranks_run, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        launch(workers.hang_on, 1, 0, pid_dir=str(tmp_path), timeout=300)
+    # A process started in the background by a non-interactive shell inherits SIGINT as ignored, and
+    # Python then installs no KeyboardInterrupt handler: install it, as an interactive kernel has it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_once_ranks_run, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            launch(workers.hang_on, 1, 0, pid_dir=str(tmp_path), timeout=300)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     _assert_no_survivors(tmp_path, 1)
 
 
