@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hybridpar.demos.tp_block import COLLECTIVES
-from hybridpar.models.loader import LoadStats, iter_checkpoint
+from hybridpar.models.loader import LoadStats, SliceProxy, iter_checkpoint
 
 DEFAULT_PROMPT = "Tensor parallelism"
 
@@ -63,23 +63,16 @@ def index_ranges(index: Any, shape: tuple[int, ...]) -> tuple[tuple[int, int], .
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
-class RecordingSlice:
+class RecordingSlice(SliceProxy):
     """Wraps a safetensors slice handle and records the range of every read made through it."""
 
     def __init__(self, handle: Any, record: TensorReads) -> None:
-        self._handle, self._record = handle, record
+        super().__init__(handle)
+        self._record = record
 
-    def get_shape(self) -> list[int]:
-        return self._handle.get_shape()
-
-    def get_dtype(self) -> str:
-        return self._handle.get_dtype()
-
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        out = self._handle[index]
+    def _on_read(self, index: Any, out: torch.Tensor) -> None:
         ranges = index_ranges(index, self._record.shape)
         self._record.reads.append(Read(ranges, out.numel() * out.element_size()))
-        return out
 
 
 def record_reads(model: nn.Module, path: str | Path) -> dict[str, TensorReads]:

@@ -66,11 +66,11 @@ class LoadStats:
         return asdict(self)
 
 
-class CountingSlice:
-    """A safetensors slice handle that counts the bytes of every range read through it."""
+class SliceProxy:
+    """Wraps a safetensors slice handle; every read goes through :meth:`_on_read` (subclasses observe)."""
 
-    def __init__(self, handle: Any, stats: LoadStats) -> None:
-        self._handle, self._stats = handle, stats
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
 
     def get_shape(self) -> list[int]:
         return self._handle.get_shape()
@@ -80,8 +80,22 @@ class CountingSlice:
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         out = self._handle[index]
-        self._stats.bytes_read += out.numel() * out.element_size()
+        self._on_read(index, out)
         return out
+
+    def _on_read(self, index: Any, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class CountingSlice(SliceProxy):
+    """A safetensors slice handle that counts the bytes of every range read through it."""
+
+    def __init__(self, handle: Any, stats: LoadStats) -> None:
+        super().__init__(handle)
+        self._stats = stats
+
+    def _on_read(self, index: Any, out: torch.Tensor) -> None:
+        self._stats.bytes_read += out.numel() * out.element_size()
 
 
 def checkpoint_files(path: Path) -> list[Path]:
