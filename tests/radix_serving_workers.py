@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from hybridpar.distributed.parallel_state import initialize_tensor_parallel
 from hybridpar.models.model_wrapper import TPRadixAttentionModelWrapper
 from hybridpar.models.sampling import SamplingParams
+from hybridpar.radix import schedule_policy
 from hybridpar.radix.scheduler import RequestTooLargeError, TPScheduler
 from hybridpar.radix.workload import SharedPrefixWorkload
 
@@ -82,11 +84,15 @@ def serving_scenarios(prompts: list[list[int]], params: list[SamplingParams],
     if workload is not None:
         out["hit_rate"] = {}
         for name, shuffle, overrides in [("ordered", False, {}), ("shuffled", True, {}),
+                                         ("ordered_fcfs", False, {"schedule_policy": "fcfs"}),
+                                         ("ordered_long_queue", False, {}),
                                          ("shuffled_no_in_batch", True, {"in_batch_prefix_caching": False})]:
             sched = TPScheduler(wrapper, page_size=16, **overrides)
             reqs = workload.requests(shuffle=shuffle)
             rids = [sched.add_request(r.prompt_ids, max_new_tokens=r.max_new_tokens) for r in reqs]
-            results = sched.process_requests()
+            # "long queue": LPM as it runs past LPM_MAX_QUEUE waiting requests (arrival order, no matching)
+            with mock.patch.object(schedule_policy, "LPM_MAX_QUEUE", 0 if name == "ordered_long_queue" else 128):
+                results = sched.process_requests()
             out["hit_rate"][name] = sched.metrics.cache_hit_rate
             if name == "shuffled":
                 greedy = SamplingParams(max_new_tokens=workload.output_len)

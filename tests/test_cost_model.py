@@ -61,6 +61,27 @@ def test_step_structure_per_strategy() -> None:
         cm.step_components("tknp", LLAMA7B, cm.StepShape(batch=3, context=16), c)
 
 
+def test_tp_times_tknp_on_four_gpus() -> None:
+    ar2, ar4 = cm.LinearCost(7e-6, 3e11), cm.LinearCost(11e-6, 3e11)
+    c = cm.ComponentCosts(*list(vars(costs()).values())[:5], {"tknp-tp2": 3e-5, "tknp": 1e-5}, {2: ar2, 4: ar4})
+    mixed = cm.StepShape(batch=8, context=4096, num_gpus=4, tensor_parallel_size=2)
+    both = cm.step_components("tknp", LLAMA7B, mixed, c)
+    pure = cm.step_components("tknp", LLAMA7B, cm.StepShape(batch=8, context=4096, num_gpus=4), c)
+    tp4 = cm.step_components("tp", LLAMA7B, cm.StepShape(batch=8, context=4096, num_gpus=4), c)
+    hb = 8 * LLAMA7B.hidden_size * 2
+    assert both["all_reduce"] == pytest.approx(32 * 2 * ar2(hb)) and tp4["all_reduce"] == pytest.approx(32 * 2 * ar4(hb))
+    assert pure["all_reduce"] == 0 and both["overhead"] == pytest.approx(32 * 3e-5)  # overheads kept apart
+    assert cm.config_key("tknp", mixed) == "tknp-tp2" and cm.split_sizes("tknp", mixed) == (2, 2)
+    # TP 2 x TKNP 2 reads half the weights of TKNP 4 on each root, and splits the KV 4 ways like it
+    assert both["qkv"] + both["o_mlp"] < pure["qkv"] + pure["o_mlp"]
+    assert both["attention"] == pytest.approx(pure["attention"]) == pytest.approx(tp4["attention"])
+    # each TKNP 2 group scatters half the batch's half-heads; TKNP 4 three quarters of all heads
+    assert both["scatter"] < pure["scatter"]
+    for bad in (3, 4, 0):
+        with pytest.raises(ValueError, match="tensor_parallel_size"):
+            cm.step_components("tknp", LLAMA7B, cm.StepShape(8, 64, num_gpus=4, tensor_parallel_size=bad), c)
+
+
 def test_calibration_reproduces_the_measured_point() -> None:
     c = costs()
     step = cm.StepShape(batch=8, context=1024)

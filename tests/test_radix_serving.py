@@ -31,7 +31,7 @@ from hybridpar.radix.pool_sync import (
     pool_digest,
     replay,
 )
-from hybridpar.radix.schedule_policy import AddResult, PrefillAdder, SchedulePolicy
+from hybridpar.radix.schedule_policy import AddResult, InBatchPrefixFilter, PrefillAdder, SchedulePolicy
 from hybridpar.radix.serve_req import ServeReq
 from hybridpar.radix.server_args import ServerArgs
 from hybridpar.radix.workload import SharedPrefixWorkload, theoretical_hit_rate
@@ -160,7 +160,7 @@ def test_lpm_serves_the_longest_cached_prefix_first_and_fcfs_keeps_arrival_order
     system = list(range(100, 116))
     _cache_prompt(cache, system + [1])
     waiting = [_req(0, [7] * 20), _req(1, system[:8] + [9] * 9), _req(2, system + [3, 4]), _req(3, [8] * 5)]
-    assert SchedulePolicy("lpm", cache).calc_priority(waiting) == set()
+    SchedulePolicy("lpm", cache).calc_priority(waiting)
     assert [r.rid for r in waiting] == [2, 1, 0, 3]
     assert [len(r.prefix_indices) for r in waiting] == [16, 8, 0, 0]
     random.Random(0).shuffle(waiting)
@@ -168,15 +168,29 @@ def test_lpm_serves_the_longest_cached_prefix_first_and_fcfs_keeps_arrival_order
     assert [r.rid for r in waiting] == [0, 1, 2, 3]
 
 
-def test_in_batch_deprioritisation_computes_an_uncached_shared_prefix_once():
+def _held_back(in_batch: InBatchPrefixFilter, waiting: list[ServeReq]) -> set[int]:
+    """Walk ``waiting`` as the scheduler does, admitting everyone not held back."""
+    held = set()
+    for req in waiting:
+        if in_batch.holds_back(req):
+            held.add(req.rid)
+        else:
+            in_batch.admit(req)
+    return held
+
+
+def test_in_batch_filter_computes_an_uncached_shared_prefix_once():
     shared = list(range(50, 90))  # 40 tokens, not cached
     waiting = [_req(0, shared + [1]), _req(1, shared + [2, 2]), _req(2, [5] * 12), _req(3, shared + [3])]
-    assert SchedulePolicy("lpm", _cache()).calc_priority(list(waiting)) == {1, 3}
-    assert SchedulePolicy("lpm", _cache(), in_batch_prefix_caching=False).calc_priority(list(waiting)) == set()
-    assert SchedulePolicy("lpm", _cache(), deprioritize_threshold=48).calc_priority(list(waiting)) == set()
+    assert _held_back(InBatchPrefixFilter(_cache()), waiting) == {1, 3}
+    assert _held_back(InBatchPrefixFilter(_cache(), deprioritize_threshold=48), waiting) == set()
+    cache = _cache()
+    _cache_prompt(cache, shared[:8] + [9])  # 8 of the 40 tokens cached: the batch still gains 32
+    assert _held_back(InBatchPrefixFilter(cache), waiting) == {1, 3}
+    assert _held_back(InBatchPrefixFilter(cache, check_threshold=4), waiting) == set()  # hit above the threshold
     cache = _cache()
     _cache_prompt(cache, shared + [9])  # once it is cached, sharing it in the batch gains nothing
-    assert SchedulePolicy("lpm", cache).calc_priority(list(waiting)) == set()
+    assert _held_back(InBatchPrefixFilter(cache), waiting) == set()
 
 
 def test_prefill_adder_respects_rows_memory_prefill_budget_and_chunks():
@@ -323,6 +337,8 @@ def test_hit_rate_reaches_the_theoretical_maximum_under_lpm(runs):
     assert best == pytest.approx(3 * 32 / (4 * 40))
     assert out["hit_rate"]["ordered"] == pytest.approx(best, abs=1e-12)
     assert out["hit_rate"]["shuffled"] == pytest.approx(best, abs=1e-12)
+    assert out["hit_rate"]["ordered_fcfs"] < best  # FCFS, the plain baseline: group mates prefilled together
+    assert out["hit_rate"]["ordered_long_queue"] == pytest.approx(best, abs=1e-12)  # LPM in arrival order
     assert out["hit_rate"]["shuffled_no_in_batch"] < best  # group mates prefilled together
     assert out["notes"]["workload_matches_generate"]
 

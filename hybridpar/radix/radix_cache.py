@@ -70,7 +70,12 @@ class TreeNode:
 
 
 def _as_tokens(key: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
-    return tuple(key.tolist()) if isinstance(key, torch.Tensor) else tuple(int(t) for t in key)
+    """``key`` as a tuple of Python ints (keys are compared with C-speed tuple equality)."""
+    if type(key) is tuple:
+        return key
+    if type(key) is list:
+        return tuple(key)
+    return tuple(key.tolist()) if isinstance(key, torch.Tensor) else tuple(map(int, key))
 
 
 class RadixCache:
@@ -146,11 +151,23 @@ class RadixCache:
         return key[0] if self.page_size == 1 else key[: self.page_size]
 
     def _match_len(self, a: tuple[int, ...], b: tuple[int, ...]) -> int:
-        """Length of the common prefix of two page-aligned keys, in whole pages."""
-        ps, n, i = self.page_size, min(len(a), len(b)), 0
-        while i < n and a[i : i + ps] == b[i : i + ps]:
-            i += ps
-        return i
+        """Length of the common prefix of two page-aligned keys, in whole pages.
+
+        One tuple comparison when one key is a prefix of the other (the common case: a
+        cached prefix), else a binary search over pages on slices, so the per-token work
+        runs in C rather than in a Python loop.
+        """
+        ps, n = self.page_size, min(len(a), len(b))
+        if a[:n] == b[:n]:
+            return n
+        lo, hi = 0, n // ps  # invariant: pages [0, lo) agree, pages [0, hi) do not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if a[lo * ps : mid * ps] == b[lo * ps : mid * ps]:
+                lo = mid
+            else:
+                hi = mid
+        return lo * ps
 
     def _aligned(self, n: int) -> int:
         return n // self.page_size * self.page_size

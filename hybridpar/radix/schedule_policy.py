@@ -8,16 +8,20 @@ Two pieces, both pure bookkeeping on rank 0 (no model, no communication):
 * ``lpm`` (longest prefix match): requests with the longest cached prefix first, ties by arrival.
   Serving those first keeps their prefix hot (it is locked while they run) before LRU eviction
   can take it.
-* in-batch prefix deprioritisation (LPM only): when several waiting requests share a prefix that
-  is *not cached yet*, admitting them together would compute the prefix once per request. The
-  policy walks the queue in arrival order, inserting each request with a short cache hit
-  (``<= check_threshold`` tokens) into a throwaway radix tree; a later request whose match in that
-  tree is ``>= deprioritize_threshold`` tokens longer than its cache hit is *held back* for this
-  step. The first one computes the prefix and caches it; the held-back ones hit it next step.
-  (SGLang compares the in-batch match alone with the threshold and only sorts such requests last,
-  so they can still share a batch when the budget allows; holding them back makes "each shared
-  prefix is prefilled once" hold whatever the budget, and comparing the *gain* does not hold back
-  requests whose prefix is already cached.)
+* LPM falls back to arrival order while the queue is longer than :data:`LPM_MAX_QUEUE`.
+
+:class:`InBatchPrefixFilter` (part of LPM; FCFS stays the plain baseline) keeps one prefill batch from computing the same
+uncached prefix twice. Candidates are checked in admission order against a throwaway radix tree
+of the prompts already admitted to this batch (the chunked request, which resumes first, among
+them). A
+candidate whose cache hit is short (``<= check_threshold`` tokens) and whose match in that tree
+is ``>= deprioritize_threshold`` tokens longer than its cache hit is *held back* for this step.
+The first request computes the prefix and caches it; the held-back ones hit it next step. SGLang
+does this for LPM only, over the whole queue, and only sorts such requests last (so they can
+still share a batch when the budget allows). Checking admitted requests only costs one match
+per candidate whatever the queue length, and holding back makes "each shared prefix is prefilled
+once" hold for long queues (where LPM orders by arrival) and whatever the budget; comparing the *gain* does not hold
+back requests whose prefix is already cached.
 
 :class:`PrefillAdder` admits requests in that order under three budgets:
 
@@ -48,40 +52,55 @@ LPM_MAX_QUEUE = 128  # SGLang's threshold: above it LPM skips the per-request pr
 
 
 class SchedulePolicy:
-    """Orders the waiting queue in place; returns the rids held back by in-batch deprioritisation.
+    """Orders the waiting queue in place.
 
     LPM matches every waiting request against the tree each time a prefill batch is formed, so
     its cost grows with the queue; like SGLang, a queue longer than :data:`LPM_MAX_QUEUE` is
     served first-come first-served until it shrinks.
     """
 
-    def __init__(self, policy: str, tree_cache: RadixCache, in_batch_prefix_caching: bool = True,
-                 check_threshold: int = 32, deprioritize_threshold: int = 32) -> None:
+    def __init__(self, policy: str, tree_cache: RadixCache) -> None:
         if policy not in ("lpm", "fcfs"):
             raise ValueError(f"schedule policy must be 'lpm' or 'fcfs', got {policy!r}")
         self.policy = policy
         self.tree_cache = tree_cache
-        self.in_batch_prefix_caching = in_batch_prefix_caching
-        self.check_threshold = check_threshold
-        self.deprioritize_threshold = deprioritize_threshold
 
-    def calc_priority(self, waiting: list[ServeReq]) -> set[int | str]:
+    def calc_priority(self, waiting: list[ServeReq]) -> None:
         waiting.sort(key=lambda r: r.arrival_seq)
         if self.policy == "fcfs" or self.tree_cache.disable or len(waiting) > LPM_MAX_QUEUE:
-            return set()
-        held: set[int | str] = set()
-        # A throwaway token trie (page_size 1) of the prefixes this step is about to compute.
-        in_batch = RadixCache(ReqToTokenPool(1, 1), TokenToKVPoolAllocator(1, 1)) if self.in_batch_prefix_caching else None
+            return
         for req in waiting:
-            match = self.tree_cache.match_prefix_for_req(req)
-            if in_batch is not None and match.prefix_len <= self.check_threshold:
-                gain = in_batch.match_prefix(req.all_ids).prefix_len - match.prefix_len
-                if gain >= self.deprioritize_threshold:
-                    held.add(req.rid)
-                else:
-                    in_batch.insert(req.all_ids, torch.zeros(len(req.all_ids), dtype=torch.int64))
+            self.tree_cache.match_prefix_for_req(req)
         waiting.sort(key=lambda r: -len(r.prefix_indices))  # stable: ties keep arrival order
-        return held
+
+
+class InBatchPrefixFilter:
+    """Holds back candidates that would recompute a prefix another request of this batch computes.
+
+    Invariant: among the requests admitted through :meth:`admit`, no two share an uncached prefix
+    of ``deprioritize_threshold`` tokens or more beyond their cache hits (when those hits are at most
+    ``check_threshold`` tokens). The chunked request, always the first candidate, is admitted
+    first, so a candidate sharing its uncached prefix waits for it too.
+    """
+
+    def __init__(self, tree_cache: RadixCache, check_threshold: int = 32, deprioritize_threshold: int = 32) -> None:
+        self.tree_cache = tree_cache
+        self.check_threshold = check_threshold
+        self.deprioritize_threshold = deprioritize_threshold
+        # A token trie (page_size 1, no KV) of the prompts this step computes.
+        self.batch = RadixCache(ReqToTokenPool(1, 1), TokenToKVPoolAllocator(1, 1))
+
+    def holds_back(self, req: ServeReq) -> bool:
+        """Whether ``req`` (not admitted yet: it holds no row) should wait for a later step."""
+        cached = self.tree_cache.match_prefix_for_req(req).prefix_len
+        if cached > self.check_threshold:
+            return False
+        return self.batch.match_prefix(req.all_ids).prefix_len - cached >= self.deprioritize_threshold
+
+    def admit(self, req: ServeReq) -> None:
+        """Record that this step computes ``req``'s prompt."""
+        ids = req.all_ids
+        self.batch.insert(ids, torch.zeros(len(ids), dtype=torch.int64))
 
 
 class AddResult(enum.Enum):

@@ -61,7 +61,7 @@ from hybridpar.radix.pool_sync import (
     replay,
 )
 from hybridpar.radix.radix_cache import RadixCache
-from hybridpar.radix.schedule_policy import AddResult, PrefillAdder, SchedulePolicy
+from hybridpar.radix.schedule_policy import AddResult, InBatchPrefixFilter, PrefillAdder, SchedulePolicy
 from hybridpar.radix.serve_req import ServeReq
 from hybridpar.radix.server_args import ServerArgs
 
@@ -202,8 +202,7 @@ class TPScheduler:
         if self.is_leader:
             self.tree_cache = _MeteredRadixCache(self.req_to_token_pool, self.allocator, ps,
                                                  disable=self.args.disable_radix_cache)
-            self.policy = SchedulePolicy(self.args.schedule_policy, self.tree_cache, self.args.in_batch_prefix_caching,
-                                         self.args.in_batch_check_threshold, self.args.in_batch_deprioritize_threshold)
+            self.policy = SchedulePolicy(self.args.schedule_policy, self.tree_cache)
             self.new_token_ratio = self.args.init_new_token_ratio
             self.pending: list[ServeReq] = []
             self.waiting: list[ServeReq] = []
@@ -353,12 +352,20 @@ class TPScheduler:
         return None
 
     def _prefill_batch(self) -> StepPlan | None:
-        held = self.policy.calc_priority(self.waiting)
-        adder = PrefillAdder(self.tree_cache, self.running, self.new_token_ratio, self.args.max_prefill_tokens,
-                             self.args.chunked_prefill_size)
-        candidates = ([self.chunked_req] if self.chunked_req else []) + [r for r in self.waiting if r.rid not in held]
-        for req in candidates:
-            if adder.add_one_req(req) is not AddResult.CONTINUE:
+        a = self.args
+        self.policy.calc_priority(self.waiting)
+        adder = PrefillAdder(self.tree_cache, self.running, self.new_token_ratio, a.max_prefill_tokens,
+                             a.chunked_prefill_size)
+        in_batch = None
+        if a.in_batch_prefix_caching and a.schedule_policy == "lpm" and not self.tree_cache.disable:
+            in_batch = InBatchPrefixFilter(self.tree_cache, a.in_batch_check_threshold, a.in_batch_deprioritize_threshold)
+        for req in ([self.chunked_req] if self.chunked_req else []) + self.waiting:
+            if in_batch is not None and req.req_pool_idx is None and in_batch.holds_back(req):
+                continue
+            result = adder.add_one_req(req)
+            if result is AddResult.CONTINUE and in_batch is not None:
+                in_batch.admit(req)
+            if result is not AddResult.CONTINUE:
                 break
         if not adder.can_run:
             return None

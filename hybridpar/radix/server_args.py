@@ -25,10 +25,11 @@ class ServerArgs:
 
     Scheduling:
       ``schedule_policy``: ``"lpm"`` (longest cached prefix first) or ``"fcfs"`` (arrival order).
-      ``in_batch_prefix_caching`` (LPM only): among waiting requests whose cached prefix is at most
+      ``in_batch_prefix_caching`` (LPM, also while it falls back to arrival order): among candidates whose cached prefix is at most
       ``in_batch_check_threshold`` tokens, hold back those that share at least
-      ``in_batch_deprioritize_threshold`` more tokens with one already chosen than with the cache,
-      so the shared prefix is computed once and then hit (see :mod:`hybridpar.radix.schedule_policy`).
+      ``in_batch_deprioritize_threshold`` more tokens with one already admitted to the same prefill
+      batch than with the cache, so the shared prefix is computed once and then hit next step
+      (:class:`~hybridpar.radix.schedule_policy.InBatchPrefixFilter`).
       ``max_prefill_tokens``: new tokens per prefill step (a lone longer request still runs).
       ``chunked_prefill_size``: new tokens per step for chunking: a request longer than what is left
       of it gets a chunk of whole pages and resumes next step (``>= page_size``; ``None``: no chunking).

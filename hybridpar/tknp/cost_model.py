@@ -16,19 +16,22 @@ few timed sizes (:func:`fit_linear`):
 A step of ``B`` requests of ``ctx`` tokens on ``g`` GPUs (:class:`StepShape`, shapes from
 :class:`~hybridpar.roofline.ModelShape`) is then, per layer (``L`` layers), plus the LM head:
 
-=========  ==============================================================================
-TP ``g``   ``4 gemm(W_l / g) + attn(B ctx kv_l / g) + 2 all_reduce(B h b) + overhead``
-DP ``g``   the TP-1 step of ``B / g`` requests (the replicas run side by side)
-TKNP ``g`` ``4 gemm(W_l) + scatter((g-1)/g B (Hq + 2 Hkv) d b) + attn(B/g ctx kv_l)``
-           ``+ gather((g-1)/g B Hq d b) + overhead``
-=========  ==============================================================================
+==============  =========================================================================
+TP ``g``        ``4 gemm(W_l / g) + attn(B ctx kv_l / g) + 2 all_reduce_g(B h b) + overhead``
+DP ``g``        the TP-1 step of ``B / g`` requests (the replicas run side by side)
+TKNP ``k``      ``4 gemm(W_l) + scatter((k-1)/k B (Hq + 2 Hkv) d b) + attn(B/k ctx kv_l)``
+                ``+ gather((k-1)/k B Hq d b) + overhead``
+TP ``t`` x      TKNP ``k = g / t`` over ``1/t`` of the heads and weights, plus TP's
+TKNP ``k``      ``2 all_reduce_t(B h b)`` among the ``t`` roots
+==============  =========================================================================
 
 (the four GEMMs are QKV, O, gate/up, down; ``W_l`` a layer's weight bytes, ``kv_l`` a layer's
 KV bytes per token). Throughput is ``B / step``. Where TKNP can win follows from the table: it
 pays a full-model GEMM on one GPU and two exchanges per layer, and saves nothing on attention
 bytes over TP (both split the KV two ways); it wins over DP only on memory (one weight copy) and
 over TP only when TP must *replicate* KV heads (``g > Hkv``), which the formula shows through
-``kv_l / g`` becoming ``kv_l / Hkv``.
+``kv_l / g`` becoming ``kv_l / Hkv``. An all-reduce's cost depends on its group size, so
+:class:`ComponentCosts` can hold one fit per size (``all_reduce_by_size``).
 
 Pure arithmetic; the measurements come from ``bench/bench_tknp.py``.
 """
@@ -36,7 +39,7 @@ Pure arithmetic; the measurements come from ``bench/bench_tknp.py``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from hybridpar.roofline import ModelShape
 
@@ -81,16 +84,49 @@ class ComponentCosts:
     scatter: LinearCost
     gather: LinearCost
     overhead: dict[str, float]
+    all_reduce_by_size: dict[int, LinearCost] = field(default_factory=dict)
+
+    def all_reduce_for(self, group_size: int) -> LinearCost:
+        """The all-reduce fit of a group of ``group_size`` ranks (``all_reduce`` when none was measured)."""
+        return self.all_reduce_by_size.get(group_size, self.all_reduce)
+
+    def with_overhead(self, overhead: dict[str, float]) -> ComponentCosts:
+        return replace(self, overhead=dict(overhead))
 
 
 @dataclass(frozen=True)
 class StepShape:
-    """One decode step: ``batch`` requests of ``context`` tokens on ``num_gpus`` GPUs, ``bytes_per_elem`` per value."""
+    """One decode step: ``batch`` requests of ``context`` tokens on ``num_gpus`` GPUs, ``bytes_per_elem`` per value.
+
+    ``tensor_parallel_size``: TKNP only, the TP size ``t`` of TP ``t`` x TKNP ``num_gpus / t``.
+    """
 
     batch: int
     context: int
     num_gpus: int = 2
     bytes_per_elem: int = 2
+    tensor_parallel_size: int = 1
+
+
+def config_key(strategy: str, step: StepShape) -> str:
+    """The name a configuration's overhead is kept under: ``tp``, ``dp``, ``tknp`` or ``tknp-tp2`` (TP 2 x TKNP)."""
+    t = step.tensor_parallel_size
+    return f"{strategy}-tp{t}" if strategy == "tknp" and t > 1 else strategy
+
+
+def split_sizes(strategy: str, step: StepShape) -> tuple[int, int]:
+    """``(tp, ways)``: the TP size of the step's GEMMs and how many ways its batch is split for attention."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    g, t = step.num_gpus, step.tensor_parallel_size
+    if strategy == "tp":
+        return g, 1
+    if strategy == "dp":
+        return 1, g
+    if t < 1 or g % t or g // t < 2:
+        raise ValueError(f"TKNP on {g} GPUs needs tensor_parallel_size dividing {g} with at least 2 token-parallel "
+                         f"ranks, got {t}")
+    return t, g // t
 
 
 def layer_weight_bytes(shape: ModelShape, tp: int = 1, b: int = 2) -> float:
@@ -113,13 +149,11 @@ def lm_head_bytes(shape: ModelShape, tp: int = 1, b: int = 2) -> float:
 def step_components(strategy: str, shape: ModelShape, step: StepShape, costs: ComponentCosts) -> dict[str, float]:
     """Predicted seconds of one step, by component (``qkv``, ``scatter``, ``attention``, ``gather``,
     ``o_mlp``, ``all_reduce``, ``lm_head``, ``overhead``); their sum is the step."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    g, b, batch, ctx, layers = step.num_gpus, step.bytes_per_elem, step.batch, step.context, shape.num_layers
-    if batch % g:
-        raise ValueError(f"batch {batch} must split evenly over {g} GPUs")
-    tp = g if strategy == "tp" else 1
-    local_batch = batch // g if strategy in ("dp", "tknp") else batch
+    tp, ways = split_sizes(strategy, step)
+    b, batch, ctx, layers = step.bytes_per_elem, step.batch, step.context, shape.num_layers
+    if batch % ways:
+        raise ValueError(f"batch {batch} must split evenly over {ways} {strategy.upper()} ranks")
+    local_batch = batch // ways
     h, d = shape.hidden_size, shape.head_dim
     kv_heads = max(shape.num_kv_heads // tp, 1)
     qkv_bytes = h * (shape.num_heads // tp + 2 * kv_heads) * d * b
@@ -130,14 +164,14 @@ def step_components(strategy: str, shape: ModelShape, step: StepShape, costs: Co
         "attention": layers * costs.attention(local_batch * ctx * layer_kv_bytes_per_token(shape, tp, b)),
         "lm_head": costs.gemm(lm_head_bytes(shape, tp, b)),
         "all_reduce": 0.0, "scatter": 0.0, "gather": 0.0,
-        "overhead": layers * costs.overhead.get(strategy, 0.0),
+        "overhead": layers * costs.overhead.get(config_key(strategy, step), 0.0),
     }
-    if strategy == "tp" and g > 1:
-        out["all_reduce"] = layers * 2 * costs.all_reduce(batch * h * b)
+    if strategy != "dp" and tp > 1:
+        out["all_reduce"] = layers * 2 * costs.all_reduce_for(tp)(batch * h * b)
     if strategy == "tknp":
         remote = batch - local_batch
-        out["scatter"] = layers * costs.scatter(remote * (shape.num_heads + 2 * shape.num_kv_heads) * d * b)
-        out["gather"] = layers * costs.gather(remote * shape.num_heads * d * b)
+        out["scatter"] = layers * costs.scatter(remote * (shape.num_heads // tp + 2 * kv_heads) * d * b)
+        out["gather"] = layers * costs.gather(remote * shape.num_heads // tp * d * b)
     return out
 
 
@@ -154,8 +188,7 @@ def predict_throughput(strategy: str, shape: ModelShape, step: StepShape, costs:
 def calibrate_overhead(strategy: str, shape: ModelShape, step: StepShape, costs: ComponentCosts,
                        measured_s: float) -> float:
     """The per-layer host overhead that makes the model match one measured step (>= 0)."""
-    zero = ComponentCosts(costs.gemm, costs.attention, costs.all_reduce, costs.scatter, costs.gather,
-                          {**costs.overhead, strategy: 0.0})
+    zero = costs.with_overhead({**costs.overhead, config_key(strategy, step): 0.0})
     return max((measured_s - predict_step(strategy, shape, step, zero)) / shape.num_layers, 0.0)
 
 

@@ -136,8 +136,7 @@ class TknpScheduler(TPScheduler):
         rows = RecordingReqToTokenPool(capacity.num_slots, capacity.max_seq_len, "cpu", ops)
         allocator = RecordingTokenToKVPoolAllocator(capacity.num_tokens, a.page_size, "cpu", ops)
         tree = _MeteredRadixCache(rows, allocator, a.page_size, disable=a.disable_radix_cache)
-        policy = SchedulePolicy(a.schedule_policy, tree, a.in_batch_prefix_caching, a.in_batch_check_threshold,
-                                a.in_batch_deprioritize_threshold)
+        policy = SchedulePolicy(a.schedule_policy, tree)
         return RankState(rows, allocator, tree, policy, a.init_new_token_ratio, ops)
 
     @contextmanager
