@@ -19,8 +19,8 @@ against the best any schedule can reach, prefill tokens computed, TTFT p50/p90, 
 and the wall time spent inside radix-tree operations (``match_prefix``, ``insert``, ``evict``,
 lock changes, ``cache_*_req``; outermost calls timed) as a share of the run.
 
-    python bench/bench_radix.py                          # GPU: qwen2.5-0.5b-shape, 16 x 16 x 2048 / 128 / 64
-    python bench/bench_radix.py --groups 64 --outputs 256  # SGLang's defaults (takes minutes)
+    python bench/bench_radix.py                          # GPU: qwen2.5-0.5b-shape, 64 x 16 x 2048 / 128 / 256
+    python bench/bench_radix.py --groups 16 --outputs 64   # a quarter of the requests and outputs
     python bench/bench_radix.py --cpu                    # miniature: qwen2-tiny, 2 x 4 x 32 / 8 / 4
 """
 from __future__ import annotations
@@ -141,12 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cpu", action="store_true", help="miniature: qwen2-tiny, fp32, 2 x 4 x 32 / 8 / 4")
     p.add_argument("--model", default=None)
-    p.add_argument("--groups", type=int, default=16)
+    p.add_argument("--groups", type=int, default=64)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--system", type=int, default=2048)
     p.add_argument("--question", type=int, default=128)
-    p.add_argument("--outputs", type=int, default=64)
-    p.add_argument("--max-running", type=int, default=64)
+    p.add_argument("--outputs", type=int, default=256)
+    p.add_argument("--max-running", type=int, default=128)
     args = p.parse_args(argv)
     if args.cpu:
         model, dtype, backend, graphs = args.model or "qwen2-tiny", "float32", "gloo", False

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NCCL correctness checks on a 2-GPU machine (the device tool's nvidia-h200-x2), logs under $OUT.
+# NCCL correctness checks on a 2-GPU machine (the device tool's nvidia-h200-x2; verify4 on nvidia-h200-x4), logs under $OUT.
 #   bash bench/gpu_checks.sh [tests|verify|labs ...]   (default: tests verify)
 # The GPU image has torch and transformers but no Jupyter/pytest stack: wheels for those are
 # carried in .whl/ (see bench/results/README.md) and installed into /tmp/site.
@@ -35,10 +35,12 @@ for what in "${@:-tests verify}"; do for w in $what; do case $w in
     run verify_llama_tp2_bf16 python3 -m hybridpar.models.verify --tp 2 --dtype bf16 --backend nccl --model-name llama-tiny
     wait $p1 && echo "== verify_tp2_bf16: exit 0" | tee -a "$OUT/summary.log" || { echo "== verify_tp2_bf16: FAILED" | tee -a "$OUT/summary.log"; status=1; }
     tail -n 12 "$OUT/verify_tp2_bf16.log" ;;
-  verify4)
+  verify4)  # a 4-GPU machine (nvidia-h200-x4): TP 4 replicates qwen2-tiny's 2 KV heads
     run verify_tp4_fp32 python3 -m hybridpar.models.verify --tp 4 --dtype fp32 --backend nccl
     run verify_tp4_bf16 python3 -m hybridpar.models.verify --tp 4 --dtype bf16 --backend nccl
+    run verify_llama_tp4_bf16 python3 -m hybridpar.models.verify --tp 4 --dtype bf16 --backend nccl --model-name llama-tiny
     run verify_tp2_tknp2 python3 -m hybridpar.tknp.verify --tensor-parallel-size 2 --token-parallel-size 2 --backend nccl
+    run verify_tp2_tknp2_bf16 python3 -m hybridpar.tknp.verify --tensor-parallel-size 2 --token-parallel-size 2 --dtype bf16 --backend nccl
     run verify_tknp4 python3 -m hybridpar.tknp.verify --token-parallel-size 4 --backend nccl ;;
   labs)
     for lab in labs/*.ipynb; do run "lab_$(basename "$lab" .ipynb)" python3 -m hybridpar.book.run_labs "$lab" --timeout 300; done ;;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run GPU benchmark stages on a 2-GPU machine; logs and results go to $OUT (default bench/results).
-#   bash bench/run_gpu.sh tests allreduce decode vs_transformers tp_scaling radix tknp
+# Run GPU benchmark stages on a 2-GPU (tknp4: 4-GPU) machine; logs and results go to $OUT (default bench/results).
+#   bash bench/run_gpu.sh tests allreduce decode vs_transformers tp_scaling radix tknp [tknp4]
 # Each stage runs in its own process under a time limit; a failing stage does not stop the others.
 set -u
 OUT=${OUT:-bench/results}
@@ -9,7 +9,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export HYBRIDPAR_RESULTS_DIR="$OUT/results" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 export HYBRIDPAR_CACHE=${HYBRIDPAR_CACHE:-/tmp/hybridpar-cache}
 PY=${PY:-python3}
-one="NVIDIA H200 (1 of nvidia-h200-x2)"; two="2x NVIDIA H200 (nvidia-h200-x2)"
+n=$(nvidia-smi -L 2>/dev/null | wc -l); host="nvidia-h200-x$n"  # the device tool's kind this runs on
+one="NVIDIA H200 (1 of $host)"; two="2x NVIDIA H200 ($host)"; four="4x NVIDIA H200 ($host)"
 LIMIT=${LIMIT:-240}  # seconds per stage; LIMIT_<stage> overrides it for one stage
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)" | tee -a "$OUT/log.txt"
@@ -21,6 +22,7 @@ for stage in "$@"; do
     tp_scaling) cmd=("$PY" bench/bench_tp_scaling.py); label=$two ;;
     radix) cmd=("$PY" bench/bench_radix.py); label=$one ;;
     tknp) cmd=("$PY" bench/bench_tknp.py --iters 6); label=$two ;;
+    tknp4) cmd=("$PY" bench/bench_tknp.py --gpus 4 --iters 6); label=$four ;;
     decode_compiled) cmd=("$PY" bench/bench_decode.py --modes graph compiled --tag _compiled); label=$one ;;
     vs_transformers_compiled) cmd=("$PY" bench/bench_vs_transformers.py --compile
       --hf-from bench/results/vs_transformers-nvidia-h200-2026-11-21.json); label=$one ;;

@@ -7,7 +7,7 @@ import torch
 import hybridpar
 from hybridpar.models.attention_backend import attend
 from hybridpar.models.cuda_graph import batch_buckets, length_buckets
-from hybridpar.models.decode_attention import decode_attention
+from hybridpar.models.decode_attention import decode_attention, length_mask
 from tests.decode_fast_path_workers import fast_path_worker, graph_vs_eager_worker
 
 
@@ -19,7 +19,7 @@ def test_decode_attention_equals_per_request_reference(hq: int, hkv: int) -> Non
     k_flat, v_flat = torch.randn(n_slots, hkv, d, generator=gen), torch.randn(n_slots, hkv, d, generator=gen)
     slots = torch.randint(0, n_slots, (b, width), generator=gen)
     lens = torch.tensor([1, 40, 17, 3, 29])
-    o = decode_attention(q, k_flat, v_flat, slots, lens, scaling=0.37)
+    o = decode_attention(q, k_flat, v_flat, slots, length_mask(lens, slots.shape[1]), scaling=0.37)
     for i in range(b):
         n = int(lens[i])
         keys = k_flat[slots[i, :n]].transpose(0, 1)[None]

@@ -198,3 +198,25 @@ def test_split_batch_needs_the_placement():
         TknpForwardBatch.build_placed(cache, [0, 1], [0], [0], [2])
     empty = split_batch(TknpForwardBatch.build_placed(cache, [0], [0], [0], [2]), 2)[0].sub_batches[1]
     assert empty.num_tokens == 0 and empty.forward_batch(cache, torch.device("cpu")) is None
+
+
+def test_logit_error_is_absolute_in_fp32_and_relative_in_low_precision():
+    from hybridpar.tknp.verify import logit_error
+
+    ref = torch.tensor([[3.0, 4.0], [0.0, 10.0]])
+    got = ref + torch.tensor([[0.0, 0.5], [1.0, 0.0]])
+    assert logit_error(got, ref, torch.float32) == pytest.approx(1.0)
+    assert logit_error(got, ref, torch.bfloat16) == pytest.approx(0.1)  # 0.5 / 5 and 1 / 10
+
+
+def test_bf16_verify_cli_passes_on_gloo(capsys):
+    """TKNP 2 in bf16 against TP-only and transformers in bf16: tokens identical, the TP model's tolerance."""
+    import json
+
+    from hybridpar.tknp.verify import main
+
+    assert main(["--token-parallel-size", "2", "--dtype", "bf16", "--backend", "gloo",
+                 "--model-name", "qwen2-tiny"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["dtype"] == "bfloat16" and summary["tokens_identical"]
+    assert 0 < summary["max_abs_logit_diff_hf"] <= 2e-2

@@ -20,7 +20,7 @@ One decode step of ``B`` requests is then described by three tensors of fixed sh
 * ``seq_lens [B]``: each request's length including the new token.
 
 :func:`decode_attention` gathers ``K = k_flat[slots]`` into ``[B, Hkv, L, d]`` and runs one
-``scaled_dot_product_attention`` with a length mask. Grouped-query heads need no copy: with one
+``scaled_dot_product_attention`` with a length mask (built once per step, not per layer). Grouped-query heads need no copy: with one
 query token per request, the ``G = Hq / Hkv`` query heads that read KV head ``j`` become ``G``
 *query rows* of head ``j`` (``q.view(B, Hkv, G, d)``), so every kernel sees plain multi-head
 attention. :class:`StaticDecodeBackend` plugs this into the model's attention seam, reading its
@@ -42,12 +42,20 @@ import torch.nn.functional as F
 from hybridpar.models.attention_backend import AttentionBackend, ForwardBatch, ForwardMode
 
 
+def length_mask(seq_lens: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, 1, 1, length]`` boolean mask: position ``j`` of request ``i`` is live iff ``j < seq_lens[i]``.
+
+    The same for every layer of a step, so a backend builds it once per step (in :meth:`StaticDecodeBackend.bind`).
+    """
+    return (torch.arange(length, device=seq_lens.device)[None, :] < seq_lens[:, None])[:, None, None, :]
+
+
 def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
-                     seq_lens: torch.Tensor, scaling: float) -> torch.Tensor:
-    """One decode token per request attends to its first ``seq_lens[i]`` positions.
+                     mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One decode token per request attends to its live positions.
 
     ``q [B, Hq, d]``; ``k_flat``/``v_flat`` ``[N, Hkv, d]``; ``slots [B, L]`` int64 slots of
-    positions ``0..L-1``; ``seq_lens [B]`` (``1 <= seq_lens[i] <= L``). Returns ``o [B, Hq, d]``.
+    positions ``0..L-1``; ``mask [B, 1, 1, L]`` from :func:`length_mask`. Returns ``o [B, Hq, d]``.
     Query head ``h`` reads KV head ``h // (Hq / Hkv)`` (Hugging Face grouping). No host sync, no
     data-dependent shape: safe inside CUDA-graph capture.
     """
@@ -55,10 +63,8 @@ def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor
     hkv = k_flat.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    length = slots.shape[1]
     keys = k_flat[slots].transpose(1, 2)  # [B, Hkv, L, d]
     values = v_flat[slots].transpose(1, 2)
-    mask = (torch.arange(length, device=q.device)[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
     o = F.scaled_dot_product_attention(q.reshape(b, hkv, hq // hkv, d), keys, values, attn_mask=mask, scale=scaling)
     return o.reshape(b, hq, d)
 
@@ -83,11 +89,13 @@ class StaticDecodeBackend(AttentionBackend):
             raise ValueError("need one K and one V store per layer")
         self.k_flat, self.v_flat, self.scaling = list(k_flat), list(v_flat), scaling
         self.slots: torch.Tensor | None = None
-        self.seq_lens: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
         self.out_loc: torch.Tensor | None = None
 
     def bind(self, slots: torch.Tensor, seq_lens: torch.Tensor, out_loc: torch.Tensor) -> None:
-        self.slots, self.seq_lens, self.out_loc = slots, seq_lens, out_loc
+        """Point the backend at this step's buffers; builds the length mask that every layer shares."""
+        self.slots, self.out_loc = slots, out_loc
+        self.mask = length_mask(seq_lens, slots.shape[1])
 
     def forward(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 forward_batch: ForwardBatch) -> torch.Tensor:
@@ -99,4 +107,4 @@ class StaticDecodeBackend(AttentionBackend):
         k_store, v_store = self.k_flat[layer_id], self.v_flat[layer_id]
         k_store.index_copy_(0, self.out_loc, k.to(k_store.dtype))
         v_store.index_copy_(0, self.out_loc, v.to(v_store.dtype))
-        return decode_attention(q, k_store, v_store, self.slots, self.seq_lens, self.scaling)
+        return decode_attention(q, k_store, v_store, self.slots, self.mask, self.scaling)

@@ -11,8 +11,12 @@ same with RadixAttention: :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`
 and a radix tree per TKNP rank) on a shared-prefix workload, against a plain TPScheduler; the
 workers' mirror pools must equal the root's bookkeeping. The parent compares tokens (and, for
 the contiguous engine, logits) of the two, and with transformers' model on the same checkpoint
-(fp32, CPU), then prints a table and one JSON line (``{"ok": ..., ...}``). Exit status 0 when
-everything matches.
+(same dtype, CPU), then prints a table and one JSON line (``{"ok": ..., ...}``). Exit status 0 when
+everything matches: identical greedy tokens everywhere, and logits within ``--atol`` (fp32) or,
+with ``--dtype bf16``/``fp16``, within the TP model's low-precision tolerance (relative L2 error
+per position <= :data:`~hybridpar.models.verify.LOW_PRECISION_RTOL`).
+
+    python -m hybridpar.tknp.verify --tensor-parallel-size 2 --token-parallel-size 2 --dtype bf16  # 4 GPUs
 """
 
 from __future__ import annotations
@@ -161,18 +165,20 @@ def _verify_models(models: Sequence[str], setup: TknpSetup, workloads: Sequence[
 
 
 @functools.cache
-def _hf_model(model_name: str | None) -> Any:
+def _hf_model(model_name: str | None, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
     from hybridpar.models.default_checkpoint import resolve_model
 
-    return AutoModelForCausalLM.from_pretrained(str(resolve_model(model_name)), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(resolve_model(model_name)), dtype=dtype).eval()
 
 
-def hf_logits(model_name: str | None, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """transformers' fp32 CPU logits at the positions where each of ``tokens`` was chosen."""
+def hf_logits(model_name: str | None, prompt: list[int], tokens: list[int],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """transformers' CPU logits (model in ``dtype``, as the TP model's check compares like with like) at
+    the positions where each of ``tokens`` was chosen."""
     with torch.no_grad():
-        logits = _hf_model(model_name)(torch.tensor([prompt + tokens])).logits[0]
+        logits = _hf_model(model_name, dtype)(torch.tensor([prompt + tokens])).logits[0]
     return logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)].float()
 
 
@@ -209,7 +215,7 @@ class VerifyResult:
 
     def summary(self) -> dict[str, Any]:
         hf = [r.max_diff_hf for r in self.rows if r.max_diff_hf is not None]
-        return {"ok": self.ok, "tensor_parallel_size": self.setup.tensor_parallel_size,
+        return {"ok": self.ok, "dtype": self.setup.dtype, "tensor_parallel_size": self.setup.tensor_parallel_size,
                 "token_parallel_size": self.setup.token_parallel_size, "backend": self.backend,
                 "requests": len(self.rows), "tokens_identical": all(r.same_tokens_as_tp for r in self.rows),
                 "max_abs_logit_diff_tp": max(r.max_diff_tp for r in self.rows if r.max_diff_tp is not None),
@@ -217,14 +223,28 @@ class VerifyResult:
                 "seconds": round(self.seconds, 2)}
 
 
+def logit_error(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """fp32: max |difference|; lower precision: max relative L2 error per position (the TP model's criterion)."""
+    diff = got.float() - ref.float()
+    if dtype == torch.float32:
+        return float(diff.abs().max())
+    return float((diff.norm(dim=-1) / ref.float().norm(dim=-1).clamp_min(1e-12)).max())
+
+
 def verify(models: Sequence[str] = DEFAULT_MODELS, tensor_parallel_size: int = 1, token_parallel_size: int = 2,
            backend: str = "auto", compare_hf: bool = True, atol: float = 1e-4, max_seq_len: int = 64,
-           timeout: float = 600.0) -> VerifyResult:
-    """Launch ``tp * tknp`` ranks, run TKNP and TP-only, compare (see the module docstring)."""
+           timeout: float = 600.0, dtype: str = "float32") -> VerifyResult:
+    """Launch ``tp * tknp`` ranks, run TKNP and TP-only, compare (see the module docstring).
+
+    ``atol`` applies in fp32; in bf16/fp16 logits are held to ``LOW_PRECISION_RTOL`` instead.
+    """
     from hybridpar.distributed.launcher import resolve_backend
+    from hybridpar.models.verify import LOW_PRECISION_RTOL
 
     setup = TknpSetup(tensor_parallel_size=tensor_parallel_size, token_parallel_size=token_parallel_size,
-                      max_seq_len=max_seq_len, max_requests_per_rank=4)
+                      max_seq_len=max_seq_len, max_requests_per_rank=4, dtype=dtype)
+    if setup.torch_dtype != torch.float32:
+        atol = LOW_PRECISION_RTOL
     workloads, paged = default_workloads(), default_paged_workload()
     backend = resolve_backend(backend, tensor_parallel_size * token_parallel_size)
     check_models(models, tensor_parallel_size)
@@ -236,8 +256,8 @@ def verify(models: Sequence[str] = DEFAULT_MODELS, tensor_parallel_size: int = 1
     for name in models:
         contiguous = [r[name][0] for r in per_rank]
         radix = [r[name][1] for r in per_rank]
-        _check_contiguous(result, name, contiguous[:tp], workloads, compare_hf, atol)
-        _check_paged(result, name, radix, paged, tp, compare_hf)
+        _check_contiguous(result, name, contiguous[:tp], workloads, compare_hf, atol, setup.torch_dtype)
+        _check_paged(result, name, radix, paged, tp, compare_hf, setup.torch_dtype)
         for rank, (m, p) in enumerate(zip(contiguous, radix)):
             worker = m["role"] == "attention"
             result.ranks.append({"model": name, "rank": rank, "role": m["role"], "param_bytes": m.get("param_bytes", 0),
@@ -249,7 +269,7 @@ def verify(models: Sequence[str] = DEFAULT_MODELS, tensor_parallel_size: int = 1
 
 
 def _check_contiguous(result: VerifyResult, name: str, roots: list[dict], workloads: Sequence[Workload],
-                      compare_hf: bool, atol: float) -> None:
+                      compare_hf: bool, atol: float, dtype: torch.dtype) -> None:
     """TKNP engine vs the TP-only engine on the same roots (tokens + logits), and vs transformers."""
     root = roots[0]
     for w in workloads:
@@ -258,18 +278,18 @@ def _check_contiguous(result: VerifyResult, name: str, roots: list[dict], worklo
         for i, (got, ref, req) in enumerate(zip(root["outputs"][w.name], root["reference"][w.name], w.requests)):
             same = got["tokens"] == ref["tokens"]
             row = CheckRow(name, w.name, i, got["rank"], len(got["tokens"]), same,
-                           float((got["logits"] - ref["logits"]).abs().max()) if same else float("inf"))
+                           logit_error(got["logits"], ref["logits"], dtype) if same else float("inf"))
             if compare_hf:
-                hf = hf_logits(name, req.prompt_ids, got["tokens"])
+                hf = hf_logits(name, req.prompt_ids, got["tokens"], dtype)
                 row.same_tokens_as_hf = hf.argmax(-1).tolist() == got["tokens"]
-                row.max_diff_hf = float((got["logits"] - hf).abs().max())
+                row.max_diff_hf = logit_error(got["logits"], hf, dtype)
             result.ok &= row.same_tokens_as_tp and row.max_diff_tp <= atol
             result.ok &= not compare_hf or (row.same_tokens_as_hf and row.max_diff_hf <= atol)
             result.rows.append(row)
 
 
 def _check_paged(result: VerifyResult, name: str, ranks: list[dict], paged: PagedWorkload, tp: int,
-                 compare_hf: bool) -> None:
+                 compare_hf: bool, dtype: torch.dtype) -> None:
     """TknpScheduler vs TPScheduler (tokens), vs transformers (argmax), and worker mirrors vs root bookkeeping."""
     roots = ranks[:tp]
     leader = roots[0]
@@ -279,7 +299,7 @@ def _check_paged(result: VerifyResult, name: str, ranks: list[dict], paged: Page
         for i, (got, ref, prompt) in enumerate(zip(leader[run]["outputs"], leader["reference"], paged.prompts)):
             row = CheckRow(name, f"radix-{run}", i, leader[run]["placement"][i], len(got), got == ref, None)
             if compare_hf:
-                row.same_tokens_as_hf = hf_logits(name, prompt, got).argmax(-1).tolist() == got
+                row.same_tokens_as_hf = hf_logits(name, prompt, got, dtype).argmax(-1).tolist() == got
                 result.ok &= row.same_tokens_as_hf
             result.rows.append(row)
     for i, r in enumerate(ranks[tp:], start=tp):
@@ -289,10 +309,11 @@ def _check_paged(result: VerifyResult, name: str, ranks: list[dict], paged: Page
 def format_result(result: VerifyResult) -> str:
     s = result.setup
     tp_name = "TP 1" if s.tensor_parallel_size == 1 else f"TP {s.tensor_parallel_size}"
-    lines = [f"TKNP {s.token_parallel_size} x TP {s.tensor_parallel_size} on {result.backend} versus {tp_name} "
-             f"(token parallelism off) and transformers",
+    err = "max|dlogit|" if s.torch_dtype == torch.float32 else "max rel err"
+    lines = [f"TKNP {s.token_parallel_size} x TP {s.tensor_parallel_size} ({s.dtype}) on {result.backend} versus "
+             f"{tp_name} (token parallelism off) and transformers ({s.dtype}, CPU)",
              f"{'model':<12} {'workload':<14} {'req':>3} {'rank':>4} {'tokens':>6} {'same as TP':>10} "
-             f"{'max|dlogit| TP':>14} {'same as HF':>10} {'max|dlogit| HF':>14}"]
+             f"{err + ' TP':>14} {'same as HF':>10} {err + ' HF':>14}"]
     for r in result.rows:
         hf_same = "-" if r.same_tokens_as_hf is None else ("yes" if r.same_tokens_as_hf else "NO")
         hf_diff = "-" if r.max_diff_hf is None else f"{r.max_diff_hf:.2e}"
@@ -316,11 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"repeatable; default: {' and '.join(DEFAULT_MODELS)}")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--no-hf", action="store_true", help="skip the comparison with transformers")
-    parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--atol", type=float, default=1e-4, help="fp32 logit tolerance")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (then the relative tolerance "
+                        "of python -m hybridpar.models.verify applies)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hybridpar.config import ParallelConfig, ParallelConfigError
     from hybridpar.distributed.launcher import resolve_backend
+    from hybridpar.models.model_wrapper import parse_dtype
 
     try:
         ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
@@ -329,10 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ParallelConfigError("verify compares token parallelism with TP only: --token-parallel-size >= 2")
         check_models(args.models or DEFAULT_MODELS, args.tensor_parallel_size)
         resolve_backend(args.backend, args.tensor_parallel_size * args.token_parallel_size)
+        dtype = str(parse_dtype(args.dtype)).removeprefix("torch.")
     except (ParallelConfigError, FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     result = verify(args.models or DEFAULT_MODELS, args.tensor_parallel_size, args.token_parallel_size,
-                    args.backend, compare_hf=not args.no_hf, atol=args.atol)
+                    args.backend, compare_hf=not args.no_hf, atol=args.atol, dtype=dtype)
     print(format_result(result))
     print(json.dumps(result.summary()))
     return 0 if result.ok else 1
