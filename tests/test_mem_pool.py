@@ -33,6 +33,13 @@ def test_req_to_token_pool_rows():
     assert pool.req_to_token[1, :5].tolist() == [0, 0, 5, 6, 7]
     with pytest.raises(ValueError, match="max_context_len"):
         pool.write(1, 6, torch.tensor([1, 2, 3]))
+    pool.write_many([0, 2, 1], [0, 1, 5], [2, 0, 1], torch.tensor([8, 9, 4]))  # one indexed copy
+    assert pool.req_to_token[0, :2].tolist() == [8, 9] and pool.req_to_token[1, :6].tolist() == [0, 0, 5, 6, 7, 4]
+    assert pool.req_to_token[2].tolist() == [0] * 8
+    with pytest.raises(ValueError, match="max_context_len"):
+        pool.write_many([0], [7], [2], torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="3 slots for 2 positions"):
+        pool.write_many([0], [0], [2], torch.tensor([1, 2, 3]))
     pool.clear()
     assert pool.available_size() == 3 and all(pool.is_free(i) for i in range(3))
 

@@ -85,7 +85,9 @@ class DecodeGraphRunner:
         self.input_ids = torch.zeros(max_batch_size, **kw)
         self.seq_lens = torch.ones(max_batch_size, **kw)
         self.out_loc = torch.full((max_batch_size,), self.scratch_slot, **kw)
-        self.slots = torch.full((max_batch_size, max_seq_len), self.scratch_slot, **kw)
+        # one flat store, viewed as a contiguous [Bb, Lb] per bucket (see _slots): a strided slice of a
+        # [max_batch, max_seq_len] table would send the K/V gather down PyTorch's slow strided-index path
+        self.slot_store = torch.full((max_batch_size * max_seq_len,), self.scratch_slot, **kw)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self._pool = None
@@ -114,17 +116,18 @@ class DecodeGraphRunner:
         b = input_ids.shape[0]
         bb, lb = self.bucket(b, max_len)
         w = min(slots.shape[1], lb)
+        table = self._slots(bb, lb)
         self.input_ids[:b].copy_(input_ids)
         self.seq_lens[:b].copy_(seq_lens)
         self.out_loc[:b].copy_(out_loc)
-        self.slots[:b, :w].copy_(slots[:, :w])
+        table[:b, :w].copy_(slots[:, :w])
         if w < lb:
-            self.slots[:b, w:lb].fill_(self.scratch_slot)
+            table[:b, w:].fill_(self.scratch_slot)
         if bb > b:  # padding entries: one dummy token of length 1 at the scratch slot
             self.input_ids[b:bb].zero_()
             self.seq_lens[b:bb].fill_(1)
             self.out_loc[b:bb].fill_(self.scratch_slot)
-            self.slots[b:bb, :lb].fill_(self.scratch_slot)
+            table[b:].fill_(self.scratch_slot)
         if not self.use_graph:
             return self._forward(bb, lb)[:b]
         key = (bb, lb)
@@ -133,8 +136,12 @@ class DecodeGraphRunner:
         self.graphs[key].replay()
         return self.outputs[key][:b]
 
+    def _slots(self, bb: int, lb: int) -> torch.Tensor:
+        """The bucket's slot table: the first ``bb * lb`` entries of the store, contiguous ``[bb, lb]``."""
+        return self.slot_store[: bb * lb].view(bb, lb)
+
     def _forward(self, bb: int, lb: int) -> torch.Tensor:
-        self.backend.bind(self.slots[:bb, :lb], self.seq_lens[:bb], self.out_loc[:bb])
+        self.backend.bind(self._slots(bb, lb), self.seq_lens[:bb], self.out_loc[:bb])
         positions = self.seq_lens[:bb] - 1
         fb = ForwardBatch(ForwardMode.DECODE, [], [], [], positions, self.backend)
         hidden = self.model(self.input_ids[:bb], positions, fb)

@@ -61,16 +61,20 @@ def _make_room(cache: RadixCache, num_tokens: int) -> bool:
 
 
 def _last_locs(cache: RadixCache, reqs: Sequence[Req]) -> list[int]:
+    """Slot of each request's last cached position (``-1`` if none), read in one gather (one device sync)."""
+    held = [r for r in reqs if r.kv_len]
+    if not held:
+        return [-1] * len(reqs)
     table = cache.req_to_token_pool.req_to_token
-    return [int(table[r.req_pool_idx, r.kv_len - 1]) if r.kv_len else -1 for r in reqs]
+    index = torch.tensor([[r.req_pool_idx for r in held], [r.kv_len - 1 for r in held]], dtype=torch.int64)
+    found = iter(table[index[0].to(table.device), index[1].to(table.device)].tolist())
+    return [next(found) if r.kv_len else -1 for r in reqs]
 
 
 def _commit(cache: RadixCache, reqs: Sequence[Req], lens: Sequence[int], out: torch.Tensor) -> None:
-    pos = 0
+    cache.req_to_token_pool.write_many([r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], lens, out)
     for req, n in zip(reqs, lens):
-        cache.req_to_token_pool.write(req.req_pool_idx, req.kv_len, out[pos : pos + n])
         req.kv_len += n
-        pos += n
 
 
 def alloc_for_extend(cache: RadixCache, reqs: Sequence[Req], extend_lens: Sequence[int]) -> torch.Tensor | None:

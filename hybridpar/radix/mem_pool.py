@@ -120,12 +120,27 @@ class ReqToTokenPool:
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         """``req_to_token[row, start:start + len(slots)] = slots``."""
         end = start + len(slots)
+        self.write_check(end)
+        self.req_to_token[row, start:end] = slots.to(device=self.device, dtype=torch.int32)
+
+    def write_many(self, rows: Sequence[int], starts: Sequence[int], lens: Sequence[int], slots: torch.Tensor) -> None:
+        """:meth:`write` for several rows in one indexed copy: row ``rows[i]`` gets the next ``lens[i]``
+        entries of ``slots`` at ``starts[i]`` (a decode step writes one slot in each running row)."""
+        for start, n in zip(starts, lens, strict=True):
+            self.write_check(start + n)
+        row_idx = [r for r, n in zip(rows, lens) for _ in range(n)]
+        col_idx = [s + j for s, n in zip(starts, lens) for j in range(n)]
+        if len(row_idx) != len(slots):
+            raise ValueError(f"write_many got {len(slots)} slots for {len(row_idx)} positions")
+        index = torch.tensor([row_idx, col_idx], dtype=torch.int64).to(self.device, non_blocking=True)
+        self.req_to_token[index[0], index[1]] = slots.to(device=self.device, dtype=torch.int32)
+
+    def write_check(self, end: int) -> None:
         if end > self.max_context_len:
             raise ValueError(
                 f"request needs {end} positions but max_context_len={self.max_context_len}; "
                 f"build the ReqToTokenPool with a larger max_context_len or shorten the request."
             )
-        self.req_to_token[row, start:end] = slots.to(device=self.device, dtype=torch.int32)
 
 
 class TokenToKVPoolAllocator:

@@ -42,7 +42,7 @@ def _ints(t: torch.Tensor) -> list[int]:
 
 
 class RecordingReqToTokenPool(ReqToTokenPool):
-    """A :class:`ReqToTokenPool` that appends ``rows.alloc`` / ``rows.free`` / ``rows.write`` to ``ops``."""
+    """A :class:`ReqToTokenPool` that appends ``rows.alloc`` / ``rows.free`` / ``rows.write`` / ``rows.write_many`` to ``ops``."""
 
     def __init__(self, size: int, max_context_len: int, device: str | torch.device, ops: list[MemoryOp]) -> None:
         self.ops = ops
@@ -61,6 +61,11 @@ class RecordingReqToTokenPool(ReqToTokenPool):
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         super().write(row, start, slots)
         self.ops.append(("rows.write", (int(row), int(start), _ints(slots)), None))
+
+    def write_many(self, rows: Sequence[int], starts: Sequence[int], lens: Sequence[int], slots: torch.Tensor) -> None:
+        super().write_many(rows, starts, lens, slots)
+        args = ([int(r) for r in rows], [int(s) for s in starts], [int(n) for n in lens], _ints(slots))
+        self.ops.append(("rows.write_many", args, None))
 
 
 class RecordingTokenToKVPoolAllocator(TokenToKVPoolAllocator):
@@ -115,6 +120,10 @@ def replay(ops: Sequence[MemoryOp], req_to_token_pool: ReqToTokenPool, allocator
         elif name == "rows.write":
             row, start, slots = args
             req_to_token_pool.write(row, start, torch.tensor(slots, dtype=torch.int64))
+            continue
+        elif name == "rows.write_many":
+            rows, starts, lens, slots = args
+            req_to_token_pool.write_many(rows, starts, lens, torch.tensor(slots, dtype=torch.int64))
             continue
         elif name == "kv.free":
             (pages,) = args
