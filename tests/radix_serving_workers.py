@@ -86,6 +86,7 @@ def serving_scenarios(prompts: list[list[int]], params: list[SamplingParams],
         for name, shuffle, overrides in [("ordered", False, {}), ("shuffled", True, {}),
                                          ("ordered_fcfs", False, {"schedule_policy": "fcfs"}),
                                          ("ordered_long_queue", False, {}),
+                                         ("ordered_chunked", False, {"chunked_prefill_size": 16}),
                                          ("shuffled_no_in_batch", True, {"in_batch_prefix_caching": False})]:
             sched = TPScheduler(wrapper, page_size=16, **overrides)
             reqs = workload.requests(shuffle=shuffle)

@@ -162,7 +162,10 @@ def test_lpm_serves_the_longest_cached_prefix_first_and_fcfs_keeps_arrival_order
     waiting = [_req(0, [7] * 20), _req(1, system[:8] + [9] * 9), _req(2, system + [3, 4]), _req(3, [8] * 5)]
     SchedulePolicy("lpm", cache).calc_priority(waiting)
     assert [r.rid for r in waiting] == [2, 1, 0, 3]
-    assert [len(r.prefix_indices) for r in waiting] == [16, 8, 0, 0]
+    clock, nodes = cache._clock, len(list(cache.nodes()))
+    assert [cache.prefix_len(r.all_ids) for r in waiting] == [16, 8, 0, 0]
+    assert (cache._clock, len(list(cache.nodes()))) == (clock, nodes)  # no LRU stamp, no split
+    assert cache.match_prefix(system[:8] + [9] * 9).prefix_len == 8 and len(list(cache.nodes())) == nodes + 1
     random.Random(0).shuffle(waiting)
     SchedulePolicy("fcfs", cache).calc_priority(waiting)
     assert [r.rid for r in waiting] == [0, 1, 2, 3]
@@ -185,9 +188,9 @@ def test_in_batch_filter_computes_an_uncached_shared_prefix_once():
     assert _held_back(InBatchPrefixFilter(_cache()), waiting) == {1, 3}
     assert _held_back(InBatchPrefixFilter(_cache(), deprioritize_threshold=48), waiting) == set()
     cache = _cache()
-    _cache_prompt(cache, shared[:8] + [9])  # 8 of the 40 tokens cached: the batch still gains 32
+    _cache_prompt(cache, shared[:8] + [9])  # 8 of the 40 tokens cached (a chunk so far): the batch still gains 32
     assert _held_back(InBatchPrefixFilter(cache), waiting) == {1, 3}
-    assert _held_back(InBatchPrefixFilter(cache, check_threshold=4), waiting) == set()  # hit above the threshold
+    assert _held_back(InBatchPrefixFilter(cache, deprioritize_threshold=33), waiting) == set()
     cache = _cache()
     _cache_prompt(cache, shared + [9])  # once it is cached, sharing it in the batch gains nothing
     assert _held_back(InBatchPrefixFilter(cache), waiting) == set()
@@ -339,6 +342,7 @@ def test_hit_rate_reaches_the_theoretical_maximum_under_lpm(runs):
     assert out["hit_rate"]["shuffled"] == pytest.approx(best, abs=1e-12)
     assert out["hit_rate"]["ordered_fcfs"] < best  # FCFS, the plain baseline: group mates prefilled together
     assert out["hit_rate"]["ordered_long_queue"] == pytest.approx(best, abs=1e-12)  # LPM in arrival order
+    assert out["hit_rate"]["ordered_chunked"] == pytest.approx(best, abs=1e-12)  # group mates wait for the chunks
     assert out["hit_rate"]["shuffled_no_in_batch"] < best  # group mates prefilled together
     assert out["notes"]["workload_matches_generate"]
 

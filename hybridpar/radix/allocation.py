@@ -61,14 +61,9 @@ def _make_room(cache: RadixCache, num_tokens: int) -> bool:
 
 
 def _last_locs(cache: RadixCache, reqs: Sequence[Req]) -> list[int]:
-    """Slot of each request's last cached position (``-1`` if none), read in one gather (one device sync)."""
-    held = [r for r in reqs if r.kv_len]
-    if not held:
-        return [-1] * len(reqs)
-    table = cache.req_to_token_pool.req_to_token
-    index = torch.tensor([[r.req_pool_idx for r in held], [r.kv_len - 1 for r in held]], dtype=torch.int64)
-    found = iter(table[index[0].to(table.device), index[1].to(table.device)].tolist())
-    return [next(found) if r.kv_len else -1 for r in reqs]
+    """Slot of each request's last cached position (``-1`` if none), from the host copy of the table."""
+    table = cache.req_to_token_pool.host
+    return [int(table[r.req_pool_idx, r.kv_len - 1]) if r.kv_len else -1 for r in reqs]
 
 
 def _commit(cache: RadixCache, reqs: Sequence[Req], lens: Sequence[int], out: torch.Tensor) -> None:

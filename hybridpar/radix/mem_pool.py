@@ -69,9 +69,12 @@ def max_tokens_for_budget(
 class ReqToTokenPool:
     """One row of slot indices per live request: ``req_to_token[req_pool_idx, pos] = slot``.
 
-    ``req_to_token`` is an int32 tensor ``[size, max_context_len]``. Rows are handed out
-    by :meth:`alloc` and returned by :meth:`free`; a row's content is only meaningful in
-    positions ``[0, req.kv_len)`` of the request that holds it.
+    ``req_to_token`` is an int32 tensor ``[size, max_context_len]`` on ``device`` (attention
+    kernels read it there). Rows are handed out by :meth:`alloc` and returned by :meth:`free`; a
+    row's content is only meaningful in positions ``[0, req.kv_len)`` of the request that holds
+    it. ``host`` is the same table in CPU memory (the very tensor on a CPU pool): every write goes
+    to both, and the scheduler's bookkeeping (:meth:`read`) reads the host copy, so it never
+    waits for the device.
     """
 
     def __init__(self, size: int, max_context_len: int, device: str | torch.device = "cpu") -> None:
@@ -84,6 +87,8 @@ class ReqToTokenPool:
         self.max_context_len = max_context_len
         self.device = torch.device(device)
         self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int32, device=self.device)
+        cpu = self.device.type == "cpu"
+        self.host = self.req_to_token if cpu else torch.zeros((size, max_context_len), dtype=torch.int32)
         self.clear()
 
     def clear(self) -> None:
@@ -121,7 +126,9 @@ class ReqToTokenPool:
         """``req_to_token[row, start:start + len(slots)] = slots``."""
         end = start + len(slots)
         self.write_check(end)
-        self.req_to_token[row, start:end] = slots.to(device=self.device, dtype=torch.int32)
+        self.host[row, start:end] = slots.to("cpu", torch.int32)
+        if self.host is not self.req_to_token:
+            self.req_to_token[row, start:end] = self.host[row, start:end].to(self.device)
 
     def write_many(self, rows: Sequence[int], starts: Sequence[int], lens: Sequence[int], slots: torch.Tensor) -> None:
         """:meth:`write` for several rows in one indexed copy: row ``rows[i]`` gets the next ``lens[i]``
@@ -132,8 +139,16 @@ class ReqToTokenPool:
         col_idx = [s + j for s, n in zip(starts, lens) for j in range(n)]
         if len(row_idx) != len(slots):
             raise ValueError(f"write_many got {len(slots)} slots for {len(row_idx)} positions")
-        index = torch.tensor([row_idx, col_idx], dtype=torch.int64).to(self.device, non_blocking=True)
-        self.req_to_token[index[0], index[1]] = slots.to(device=self.device, dtype=torch.int32)
+        index = torch.tensor([row_idx, col_idx], dtype=torch.int64)
+        values = slots.to("cpu", torch.int32)
+        self.host[index[0], index[1]] = values
+        if self.host is not self.req_to_token:
+            index, values = index.to(self.device), values.to(self.device)
+            self.req_to_token[index[0], index[1]] = values
+
+    def read(self, row: int, n: int) -> torch.Tensor:
+        """Positions ``[0, n)`` of ``row`` as int64 slots, from the host copy (no device sync)."""
+        return self.host[row, :n].to(torch.int64)
 
     def write_check(self, end: int) -> None:
         if end > self.max_context_len:

@@ -230,6 +230,28 @@ class RadixCache:
         node, values, _ = self._walk(key)
         return MatchResult(torch.cat(values) if values else self._empty(), node)
 
+    def prefix_len(self, key: Sequence[int] | torch.Tensor) -> int:
+        """Length of the longest cached prefix of ``key`` in whole pages, without side effects.
+
+        What :meth:`match_prefix` would return the length of, for schedulers that only rank or
+        filter requests (LPM, the in-batch filter): no split, no LRU stamp, no tensor work.
+        """
+        key = _as_tokens(key)
+        key = key[: self._aligned(len(key))]
+        if self.disable:
+            return 0
+        node, pos = self.root_node, 0
+        while pos < len(key):
+            child = node.children.get(self.child_key(key[pos:]))
+            if child is None:
+                break
+            n = self._match_len(child.key, key[pos:])
+            pos += n
+            if n < len(child.key):
+                break
+            node = child
+        return pos
+
     def match_prefix_for_req(self, req: Req) -> MatchResult:
         """Match for admission: at most ``len(all_ids) - 1`` tokens, page aligned.
 
@@ -324,8 +346,7 @@ class RadixCache:
             raise ValueError(f"request {req.rid!r} has no req_to_token row; admit it with start_req() first.")
         if req.kv_len > len(req.all_ids):
             raise ValueError(f"request {req.rid!r}: kv_len={req.kv_len} exceeds its {len(req.all_ids)} tokens.")
-        row = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_len]
-        return row.to(self.device, torch.int64)
+        return self.req_to_token_pool.read(req.req_pool_idx, req.kv_len).to(self.device)
 
     def cache_finished_req(self, req: Req) -> None:
         """Hand a finished request's KV to the tree and release everything it holds.

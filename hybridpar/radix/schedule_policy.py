@@ -10,18 +10,18 @@ Two pieces, both pure bookkeeping on rank 0 (no model, no communication):
   can take it.
 * LPM falls back to arrival order while the queue is longer than :data:`LPM_MAX_QUEUE`.
 
-:class:`InBatchPrefixFilter` (part of LPM; FCFS stays the plain baseline) keeps one prefill batch from computing the same
-uncached prefix twice. Candidates are checked in admission order against a throwaway radix tree
-of the prompts already admitted to this batch (the chunked request, which resumes first, among
-them). A
-candidate whose cache hit is short (``<= check_threshold`` tokens) and whose match in that tree
-is ``>= deprioritize_threshold`` tokens longer than its cache hit is *held back* for this step.
-The first request computes the prefix and caches it; the held-back ones hit it next step. SGLang
-does this for LPM only, over the whole queue, and only sorts such requests last (so they can
-still share a batch when the budget allows). Checking admitted requests only costs one match
-per candidate whatever the queue length, and holding back makes "each shared prefix is prefilled
-once" hold for long queues (where LPM orders by arrival) and whatever the budget; comparing the *gain* does not hold
-back requests whose prefix is already cached.
+:class:`InBatchPrefixFilter` (part of LPM; FCFS stays the plain baseline) keeps one prefill batch
+from computing the same uncached prefix twice. Candidates are checked in admission order against
+a throwaway radix tree of the prompts already admitted to this batch (the chunked request, which
+resumes first, among them). A candidate whose match in that tree is ``>= deprioritize_threshold``
+tokens longer than its cache hit is *held back* for this step. The first request computes the
+prefix and caches it; the held-back ones hit it next step. SGLang does this for LPM only, over the
+whole queue, for candidates whose cache hit is short (its check threshold), and only sorts such
+requests last (so they can still share a batch when the budget allows). Checking admitted requests
+costs one length-only match per candidate whatever the queue length, so every candidate is
+checked; and holding back makes "each shared prefix is prefilled once" hold for long queues
+(where LPM orders by arrival), while a chunked prefix is still being computed, and whatever the
+budget. Comparing the *gain* does not hold back requests whose prefix is already cached.
 
 :class:`PrefillAdder` admits requests in that order under three budgets:
 
@@ -69,33 +69,30 @@ class SchedulePolicy:
         waiting.sort(key=lambda r: r.arrival_seq)
         if self.policy == "fcfs" or self.tree_cache.disable or len(waiting) > LPM_MAX_QUEUE:
             return
-        for req in waiting:
-            self.tree_cache.match_prefix_for_req(req)
-        waiting.sort(key=lambda r: -len(r.prefix_indices))  # stable: ties keep arrival order
+        cached = {id(r): self.tree_cache.prefix_len(r.all_ids[: max(len(r.all_ids) - 1, 0)]) for r in waiting}
+        waiting.sort(key=lambda r: -cached[id(r)])  # stable: ties keep arrival order
 
 
 class InBatchPrefixFilter:
     """Holds back candidates that would recompute a prefix another request of this batch computes.
 
     Invariant: among the requests admitted through :meth:`admit`, no two share an uncached prefix
-    of ``deprioritize_threshold`` tokens or more beyond their cache hits (when those hits are at most
-    ``check_threshold`` tokens). The chunked request, always the first candidate, is admitted
-    first, so a candidate sharing its uncached prefix waits for it too.
+    of ``deprioritize_threshold`` tokens or more beyond their cache hits. The chunked request,
+    always the first candidate, is admitted first, so a candidate sharing its uncached prefix
+    waits for it too (its cache hit is then the chunks computed so far).
     """
 
-    def __init__(self, tree_cache: RadixCache, check_threshold: int = 32, deprioritize_threshold: int = 32) -> None:
+    def __init__(self, tree_cache: RadixCache, deprioritize_threshold: int = 32) -> None:
         self.tree_cache = tree_cache
-        self.check_threshold = check_threshold
         self.deprioritize_threshold = deprioritize_threshold
         # A token trie (page_size 1, no KV) of the prompts this step computes.
         self.batch = RadixCache(ReqToTokenPool(1, 1), TokenToKVPoolAllocator(1, 1))
 
     def holds_back(self, req: ServeReq) -> bool:
         """Whether ``req`` (not admitted yet: it holds no row) should wait for a later step."""
-        cached = self.tree_cache.match_prefix_for_req(req).prefix_len
-        if cached > self.check_threshold:
-            return False
-        return self.batch.match_prefix(req.all_ids).prefix_len - cached >= self.deprioritize_threshold
+        ids = req.all_ids
+        cached = self.tree_cache.prefix_len(ids[: max(len(ids) - 1, 0)])
+        return self.batch.prefix_len(ids) - cached >= self.deprioritize_threshold
 
     def admit(self, req: ServeReq) -> None:
         """Record that this step computes ``req``'s prompt."""

@@ -186,13 +186,13 @@ class TPScheduler:
         ps = self.args.page_size
         size = self._pool_tokens()
         self._ops: list[MemoryOp] = []
-        if self.is_leader:
+        if self.is_leader and self.tp_group.world_size > 1:  # followers replay the leader's pool changes
             self.req_to_token_pool: ReqToTokenPool = RecordingReqToTokenPool(
                 self.args.max_running_requests, self.max_context_len, self.device, self._ops)
-            self.allocator: TokenToKVPoolAllocator = RecordingTokenToKVPoolAllocator(size, ps, self.device, self._ops)
-        else:
+            self.allocator: TokenToKVPoolAllocator = RecordingTokenToKVPoolAllocator(size, ps, "cpu", self._ops)
+        else:  # the allocator (and so the tree's slot tensors) is host bookkeeping: no device syncs
             self.req_to_token_pool = ReqToTokenPool(self.args.max_running_requests, self.max_context_len, self.device)
-            self.allocator = TokenToKVPoolAllocator(size, ps, self.device)
+            self.allocator = TokenToKVPoolAllocator(size, ps, "cpu")
         self.kv_pool = MHATokenToKVPool(size, ps, self.model.dtype, self.model.num_kv_heads_per_rank,
                                         config.head_dim, config.num_layers, self.device)
         self.backend = RadixAttentionBackend(self.req_to_token_pool, self.kv_pool, check_reads=self.args.debug_checks)
@@ -358,7 +358,7 @@ class TPScheduler:
                              a.chunked_prefill_size)
         in_batch = None
         if a.in_batch_prefix_caching and a.schedule_policy == "lpm" and not self.tree_cache.disable:
-            in_batch = InBatchPrefixFilter(self.tree_cache, a.in_batch_check_threshold, a.in_batch_deprioritize_threshold)
+            in_batch = InBatchPrefixFilter(self.tree_cache, a.in_batch_deprioritize_threshold)
         for req in ([self.chunked_req] if self.chunked_req else []) + self.waiting:
             if in_batch is not None and req.req_pool_idx is None and in_batch.holds_back(req):
                 continue

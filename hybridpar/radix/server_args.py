@@ -25,10 +25,10 @@ class ServerArgs:
 
     Scheduling:
       ``schedule_policy``: ``"lpm"`` (longest cached prefix first) or ``"fcfs"`` (arrival order).
-      ``in_batch_prefix_caching`` (LPM, also while it falls back to arrival order): among candidates whose cached prefix is at most
-      ``in_batch_check_threshold`` tokens, hold back those that share at least
-      ``in_batch_deprioritize_threshold`` more tokens with one already admitted to the same prefill
-      batch than with the cache, so the shared prefix is computed once and then hit next step
+      ``in_batch_prefix_caching`` (LPM, also while it falls back to arrival order): hold back
+      candidates that share at least ``in_batch_deprioritize_threshold`` more tokens with one
+      already admitted to the same prefill batch than with the cache, so the shared prefix is
+      computed once and then hit next step
       (:class:`~hybridpar.radix.schedule_policy.InBatchPrefixFilter`).
       ``max_prefill_tokens``: new tokens per prefill step (a lone longer request still runs).
       ``chunked_prefill_size``: new tokens per step for chunking: a request longer than what is left
@@ -53,7 +53,6 @@ class ServerArgs:
     disable_radix_cache: bool = False
     schedule_policy: str = "lpm"
     in_batch_prefix_caching: bool = True
-    in_batch_check_threshold: int = 32
     in_batch_deprioritize_threshold: int = 32
     max_prefill_tokens: int = 16384
     chunked_prefill_size: int | None = 8192
@@ -76,7 +75,6 @@ class ServerArgs:
         positive_int("cpu_kv_cache_bytes", self.cpu_kv_cache_bytes)
         if self.max_context_len is not None:
             positive_int("max_context_len", self.max_context_len, 2)
-        positive_int("in_batch_check_threshold", self.in_batch_check_threshold, 0)
         positive_int("in_batch_deprioritize_threshold", self.in_batch_deprioritize_threshold, 1)
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}")
