@@ -87,7 +87,8 @@ def bench_env(device: torch.device | str | None = None, label: str | None = None
         "torch": torch.__version__,
         "transformers": tf_version,
         "python": platform.python_version(),
-        "git_commit": _git("rev-parse", "--short", "HEAD") or os.environ.get("HYBRIDPAR_GIT_COMMIT", "unknown"),
+        # the variable first: a copied checkout (the device tool's) may carry stale git metadata
+        "git_commit": os.environ.get("HYBRIDPAR_GIT_COMMIT") or _git("rev-parse", "--short", "HEAD") or "unknown",
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "command": " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0] else "python",
     }
