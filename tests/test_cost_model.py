@@ -133,3 +133,27 @@ def test_lpm_serves_a_long_queue_first_come_first_served() -> None:
     long = queue(LPM_MAX_QUEUE + 1)
     SchedulePolicy("lpm", cache).calc_priority(long)
     assert [r.rid for r in long] == list(range(LPM_MAX_QUEUE + 1))  # arrival order, no matching
+
+
+def test_bench_tknp_configurations_and_fits() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_tknp import Config, configs_for, fit_costs, fits
+
+    four = configs_for(4)
+    assert [c.label for c in four] == ["TP4", "DP4", "TKNP4", "TP2xTKNP2"] and [c.label for c in configs_for(2)] == [
+        "TP2", "DP2", "TKNP2"]
+    assert len({c.key for c in four}) == 4  # one calibrated overhead each
+    assert Config("tknp", 4, 2).step(8, 64).tensor_parallel_size == 2 and Config("tp", 4).step(8, 64).tensor_parallel_size == 1
+    gib = 1 << 30
+    # 32 x 32K tokens of Llama-7B KV is 512 GiB: no 4-GPU layout fits it in 141 GB GPUs; 8 x 1K fits every one
+    assert not any(fits(LLAMA7B, 32, 32768, c, 141 * gib) for c in four)
+    assert all(fits(LLAMA7B, 8, 1024, c, 141 * gib) for c in four)
+    assert not fits(LLAMA7B, 6, 1024, Config("dp", 4), 141 * gib)  # 6 requests do not split over 4 replicas
+    micro = {"gemm": [(1e6, 1e-5), (2e6, 2e-5)], "attention": [(1e6, 1e-5), (2e6, 2e-5)],
+             "scatter": [(1e3, 1e-5), (2e3, 1.1e-5)], "gather": [(1e3, 1e-5), (2e3, 1.1e-5)],
+             "all_reduce_2": [(1e3, 8e-6), (2e3, 9e-6)], "all_reduce_4": [(1e3, 12e-6), (2e3, 14e-6)]}
+    costs = fit_costs(micro, 4)
+    assert costs.all_reduce is costs.all_reduce_by_size[4] and costs.all_reduce_for(2)(1e3) == pytest.approx(8e-6)

@@ -13,7 +13,7 @@ from hybridpar.distributed.bandwidth import format_size
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-STRATEGY_COLORS = {"tp": "tab:blue", "dp": "tab:orange", "tknp": "tab:green"}
+CONFIG_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")  # TP g, DP g, TKNP g, TP 2 x TKNP g/2
 CATEGORY_COLORS = {"gemm": "tab:blue", "attention": "tab:orange", "communication": "tab:red", "other": "tab:gray"}
 
 
@@ -174,25 +174,31 @@ def plot_radix(record: dict[str, Any]) -> Figure:
     return fig
 
 
-def plot_tknp(record: dict[str, Any]) -> Figure:
-    """Decode throughput against context for TP 2, DP 2 and TKNP 2, one panel per batch size.
+def config_label(row: dict[str, Any], gpus: int = 2) -> str:
+    """``TP2``, ``DP4``, ``TP2xTKNP2``...: the row's ``config`` (results files from 2 GPUs before it existed: strategy + 2)."""
+    return row.get("config") or f"{row['strategy'].upper()}{gpus}"
 
-    Solid: eager (all three); dashed: CUDA graphs (TP and DP); crosses: the cost model."""
+
+def plot_tknp(record: dict[str, Any]) -> Figure:
+    """Decode throughput against context for every configuration (TP g, DP g, TKNP g, TP 2 x TKNP g/2),
+    one panel per batch size. Solid: eager (all); dashed: CUDA graphs (TP and DP); crosses: the cost model."""
     rows = record["results"]["rows"]
     batches = sorted({r["batch"] for r in rows})
+    order = sorted(rows, key=lambda r: ("tp", "dp", "tknp").index(r["strategy"]))  # stable: TKNP g before TP 2 x TKNP
+    labels = list(dict.fromkeys(config_label(r) for r in order))
     fig, axes = _subplots(len(batches), 5 * len(batches), 3.6)
     for ax, batch in zip(axes, batches):
-        for s, color in STRATEGY_COLORS.items():
-            pts = sorted((r["context"], r) for r in rows if r["batch"] == batch and r["strategy"] == s)
+        for label, color in zip(labels, CONFIG_COLORS):
+            pts = sorted((r["context"], r) for r in rows if r["batch"] == batch and config_label(r) == label)
             if not pts:
                 continue
             ctx = [c for c, _ in pts]
-            ax.semilogx(ctx, [r["batch"] / r["eager_s"] for _, r in pts], "o-", color=color,
-                        label=f"{s.upper()} 2 eager", base=2)
+            ax.semilogx(ctx, [r["batch"] / r["eager_s"] for _, r in pts], "o-", color=color, label=f"{label} eager",
+                        base=2)
             ax.semilogx(ctx, [r["batch"] / r["predicted_s"] for _, r in pts], "x", color=color, ms=8)
             g = [(c, r["batch"] / r["graph_s"]) for c, r in pts if r.get("graph_s")]
             if g:
-                ax.semilogx(*zip(*g), "s--", color=color, alpha=0.7, label=f"{s.upper()} 2 graph", base=2)
+                ax.semilogx(*zip(*g), "s--", color=color, alpha=0.7, label=f"{label} graph", base=2)
         ax.set_title(f"batch {batch} (x: cost model)", fontsize=10)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("tokens/s")
