@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hybridpar.demos.tp_block import COLLECTIVES
+from hybridpar.demos.tp_block import patch_collectives
 from hybridpar.models.loader import LoadStats, SliceProxy, iter_checkpoint
 
 DEFAULT_PROMPT = "Tensor parallelism"
@@ -118,22 +118,15 @@ def trace_collectives(model: nn.Module) -> Iterator[list[CollectiveCall]]:
     for name, module in model.named_modules():
         hooks.append(module.register_forward_pre_hook(enter(name)))
         hooks.append(module.register_forward_hook(leave))
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
 
-    def traced(collective: str, call: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            tensor = next(a for a in reversed(args) if isinstance(a, torch.Tensor))
-            calls.append(CollectiveCall(stack[-1] if stack else "", collective, tuple(tensor.shape)))
-            return call(*args, **kwargs)
-        return wrapper
+    def record(collective: str, args: tuple) -> None:
+        tensor = next(a for a in reversed(args) if isinstance(a, torch.Tensor))
+        calls.append(CollectiveCall(stack[-1] if stack else "", collective, tuple(tensor.shape)))
 
-    for name, call in originals.items():
-        setattr(dist, name, traced(name, call))
     try:
-        yield calls
+        with patch_collectives(record):
+            yield calls
     finally:
-        for name, call in originals.items():
-            setattr(dist, name, call)
         for hook in hooks:
             hook.remove()
 

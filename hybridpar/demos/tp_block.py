@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,24 +40,32 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
 
 
 @contextmanager
-def count_collectives() -> Iterator[Counter[str]]:
-    """Count this process's calls to ``torch.distributed`` collectives inside the ``with`` block."""
-    counts: Counter[str] = Counter()
+def patch_collectives(on_call: Callable[[str, tuple], None]) -> Iterator[None]:
+    """Call ``on_call(name, args)`` before every :data:`COLLECTIVES` call of ``torch.distributed`` inside
+    the ``with`` block (this process only); the originals are restored on exit."""
     originals = {name: getattr(dist, name) for name in COLLECTIVES}
 
-    def counting(name: str, call: Any) -> Any:
+    def wrap(name: str, call: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            counts[name] += 1
+            on_call(name, args)
             return call(*args, **kwargs)
         return wrapper
 
     for name, call in originals.items():
-        setattr(dist, name, counting(name, call))
+        setattr(dist, name, wrap(name, call))
     try:
-        yield counts
+        yield
     finally:
         for name, call in originals.items():
             setattr(dist, name, call)
+
+
+@contextmanager
+def count_collectives() -> Iterator[Counter[str]]:
+    """Count this process's calls to ``torch.distributed`` collectives inside the ``with`` block."""
+    counts: Counter[str] = Counter()
+    with patch_collectives(lambda name, args: counts.update([name])):
+        yield counts
 
 
 def mlp_block(x: torch.Tensor, gate_up: MergedColumnParallelLinear, down: RowParallelLinear) -> torch.Tensor:

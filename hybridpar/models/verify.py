@@ -137,6 +137,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def max_relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max ||ours - ref|| / ||ref||`` over positions (rows): the low-precision criterion."""
+    diff = ours.float() - ref.float()
+    return (diff.norm(dim=-1) / ref.float().norm(dim=-1).clamp_min(1e-12)).max().item()
+
+
 def compare(ref: Reference, logits: list[torch.Tensor], tokens: list[list[int]]) -> dict[str, float]:
     """Max abs difference (prefill rows, decode rows), max per-position relative L2 error, greedy match."""
     prefill, decode, rel = 0.0, 0.0, 0.0
@@ -146,7 +152,7 @@ def compare(ref: Reference, logits: list[torch.Tensor], tokens: list[list[int]])
         prefill = max(prefill, diff[:p].abs().max().item())
         if diff.shape[0] > p:
             decode = max(decode, diff[p:].abs().max().item())
-        rel = max(rel, (diff.norm(dim=-1) / theirs.float().norm(dim=-1).clamp_min(1e-12)).max().item())
+        rel = max(rel, max_relative_error(mine, theirs))
     match = min(common_prefix(t, c) for t, c in zip(tokens, ref.continuations))
     return {"prefill_max_abs": prefill, "decode_max_abs": decode, "max_rel_err": rel, "greedy_match": match}
 

@@ -125,7 +125,7 @@ class ReqToTokenPool:
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         """``req_to_token[row, start:start + len(slots)] = slots``."""
         end = start + len(slots)
-        self.write_check(end)
+        self._check_end(end)
         self.host[row, start:end] = slots.to("cpu", torch.int32)
         if self.host is not self.req_to_token:
             self.req_to_token[row, start:end] = self.host[row, start:end].to(self.device)
@@ -134,7 +134,7 @@ class ReqToTokenPool:
         """:meth:`write` for several rows in one indexed copy: row ``rows[i]`` gets the next ``lens[i]``
         entries of ``slots`` at ``starts[i]`` (a decode step writes one slot in each running row)."""
         for start, n in zip(starts, lens, strict=True):
-            self.write_check(start + n)
+            self._check_end(start + n)
         row_idx = [r for r, n in zip(rows, lens) for _ in range(n)]
         col_idx = [s + j for s, n in zip(starts, lens) for j in range(n)]
         if len(row_idx) != len(slots):
@@ -150,7 +150,7 @@ class ReqToTokenPool:
         """Positions ``[0, n)`` of ``row`` as int64 slots, from the host copy (no device sync)."""
         return self.host[row, :n].to(torch.int64)
 
-    def write_check(self, end: int) -> None:
+    def _check_end(self, end: int) -> None:
         if end > self.max_context_len:
             raise ValueError(
                 f"request needs {end} positions but max_context_len={self.max_context_len}; "

@@ -317,29 +317,46 @@ class TPScheduler:
         self.pending = []
         results: dict[int, RequestResult] = {}
         step = 0
-        while pending or self.waiting or self.running or self.chunked_req is not None:
+        while pending or self._busy():
             while pending and pending[0].arrival_step <= step:
                 req = pending.pop(0)
                 req.arrival_seq, req.arrival_time = self._arrivals, time.perf_counter()
                 self._arrivals += 1
-                self.waiting.append(req)
+                self._admit(req)
             plan = self._get_next_batch()
             if plan is None:
-                if pending and not (self.waiting or self.running or self.chunked_req):
+                if pending and not self._busy():
                     step = pending[0].arrival_step  # idle until the next arrival
                     continue
-                raise RuntimeError(f"scheduler stalled with {len(self.waiting)} waiting requests and nothing running")
+                raise RuntimeError(f"{type(self).__name__} stalled: requests wait and nothing can run")
             self._send(plan)
             logits = self._execute(plan)
             self._process_batch_result(plan, logits, results)
             if self.args.debug_checks:
-                self.tree_cache.check_integrity(self.running + ([self.chunked_req] if self.chunked_req else []))
+                self._check_integrity()
             step += 1
-        self.metrics.evicted_tokens = self.tree_cache.evicted_tokens
+        self._finish_run()
         self.metrics.wall_s += time.perf_counter() - start
         results = dict(sorted(results.items()))
         self._send(StepPlan("done", payload=(results, self.metrics)))
         return results
+
+    # ------------------------------------------- the loop's hooks (TknpScheduler: one state per TKNP rank)
+    def _busy(self) -> bool:
+        """Whether a request waits, runs or is half prefilled."""
+        return bool(self.waiting or self.running or self.chunked_req is not None)
+
+    def _admit(self, req: ServeReq) -> None:
+        """An arrived request joins the waiting queue."""
+        self.waiting.append(req)
+
+    def _check_integrity(self) -> None:
+        """``debug_checks``: the cache's integrity check after a step, with every request holding a row."""
+        self.tree_cache.check_integrity(self.running + ([self.chunked_req] if self.chunked_req else []))
+
+    def _finish_run(self) -> None:
+        """After the last step, before the results go out."""
+        self.metrics.evicted_tokens = self.tree_cache.evicted_tokens
 
     # --------------------------------------------------------------- scheduling
     def _get_next_batch(self) -> StepPlan | None:

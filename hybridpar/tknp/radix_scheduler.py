@@ -31,7 +31,6 @@ to its own TKNP group, whose rank ``j`` holds its TP share of the KV heads.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -164,7 +163,8 @@ class TknpScheduler(TPScheduler):
         finally:
             self.allocator = own
 
-    def _place(self, req: ServeReq) -> None:
+    def _admit(self, req: ServeReq) -> None:
+        """Place an arrived request on a TKNP rank (kept for its lifetime) and queue it there."""
         ps = self.args.page_size
         total = len(req.origin_input_ids) + req.sampling.max_new_tokens
         fits = [-(-(total - 1) // ps) <= s.allocator.num_pages for s in self.rank_states]
@@ -175,40 +175,16 @@ class TknpScheduler(TPScheduler):
     def _busy(self) -> bool:
         return any(s.busy for s in self.rank_states)
 
-    # ------------------------------------------------------------------ the loop (TPScheduler._lead + placement)
-    def _lead(self) -> dict[int, RequestResult]:
-        start = time.perf_counter()
-        pending = sorted(self.pending, key=lambda r: (r.arrival_step, r.rid))
-        self.pending = []
-        results: dict[int, RequestResult] = {}
-        step = 0
-        while pending or self._busy():
-            while pending and pending[0].arrival_step <= step:
-                req = pending.pop(0)
-                req.arrival_seq, req.arrival_time = self._arrivals, time.perf_counter()
-                self._arrivals += 1
-                self._place(req)
-            plan = self._get_next_batch()
-            if plan is None:
-                if pending and not self._busy():
-                    step = pending[0].arrival_step  # idle until the next arrival
-                    continue
-                raise RuntimeError("TKNP scheduler stalled: requests wait on every rank and nothing runs")
-            self._send(plan)
-            self._process_batch_result(plan, self._execute(plan), results)
-            if self.args.debug_checks:
-                for rank in range(len(self.rank_states)):
-                    with self.as_rank(rank) as s:
-                        s.tree_cache.check_integrity(s.running + ([s.chunked_req] if s.chunked_req else []))
-            step += 1
+    def _check_integrity(self) -> None:
+        for rank in range(len(self.rank_states)):
+            with self.as_rank(rank):
+                super()._check_integrity()
+
+    def _finish_run(self) -> None:
         sync = TknpStepPlan("sync")
         self._send(sync)  # the last frees reach the workers' mirrors (and the TP followers' workers)
         self._execute(sync)
         self.metrics.evicted_tokens = sum(s.tree_cache.evicted_tokens for s in self.rank_states)
-        self.metrics.wall_s += time.perf_counter() - start
-        results = dict(sorted(results.items()))
-        self._send(StepPlan("done", payload=(results, self.metrics)))
-        return results
 
     def _send(self, plan: StepPlan) -> None:
         if isinstance(plan, TknpStepPlan):

@@ -225,10 +225,11 @@ class VerifyResult:
 
 def logit_error(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
     """fp32: max |difference|; lower precision: max relative L2 error per position (the TP model's criterion)."""
-    diff = got.float() - ref.float()
+    from hybridpar.models.verify import max_relative_error
+
     if dtype == torch.float32:
-        return float(diff.abs().max())
-    return float((diff.norm(dim=-1) / ref.float().norm(dim=-1).clamp_min(1e-12)).max())
+        return float((got.float() - ref.float()).abs().max())
+    return max_relative_error(got, ref)
 
 
 def verify(models: Sequence[str] = DEFAULT_MODELS, tensor_parallel_size: int = 1, token_parallel_size: int = 2,
