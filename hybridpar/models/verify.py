@@ -21,6 +21,7 @@ Prints a table and one JSON line (prefixed ``VERIFY_JSON``); exits non-zero on f
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -84,14 +85,17 @@ def hf_reference(path: str | Path, prompts: Sequence[Sequence[int]], max_new_tok
     """Greedy continuations (ignoring EOS) and full-sequence logits from transformers' own model."""
     device = torch.device(device)
     model = _load_hf(Path(path), dtype, device)
+    # transformers 5.2x renamed forward's ``past_key_values`` to ``cache`` (the old name warns)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     continuations, logits = [], []
     for prompt in prompts:
         out = model(torch.tensor([list(prompt)], device=device), use_cache=True)
         tokens = []
         for _ in range(max_new_tokens):
             tokens.append(int(out.logits[0, -1].argmax()))
-            out = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=out.past_key_values,
-                        use_cache=True)
+            past = getattr(out, "cache", None)
+            cache = {cache_kw: out.past_key_values if past is None else past}
+            out = model(torch.tensor([[tokens[-1]]], device=device), use_cache=True, **cache)
         continuations.append(tokens)
         full = model(torch.tensor([list(prompt) + tokens], device=device)).logits[0]
         logits.append(full.float().cpu())
