@@ -75,10 +75,10 @@ MODEL_PRESETS: dict[str, ModelShape] = {
         name="llama-7b", hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
         num_kv_heads=32, head_dim=128, vocab_size=32000,
     ),
-    # The shape of the built-in test checkpoint "qwen2-tiny" (hybridpar.models.default_checkpoint).
+    # The shape of the built-in default checkpoint "qwen2-tiny" (hybridpar.models.default_checkpoint).
     "tiny": ModelShape(
-        name="tiny", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=16, vocab_size=259, tie_word_embeddings=True, qkv_bias=True,
+        name="tiny", hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8,
+        num_kv_heads=4, head_dim=32, vocab_size=2051, tie_word_embeddings=True, qkv_bias=True,
     ),
 }
 

@@ -47,6 +47,7 @@ def llama() -> Path:
 
 # --------------------------------------------------------------------------- built-in checkpoints
 def test_default_checkpoint_is_a_hard_qwen2_case_that_transformers_loads(qwen2):
+    """The default is the shipped, trained checkpoint: GQA, QKV bias, tied embeddings, an odd vocabulary."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     assert {p.name for p in qwen2.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
@@ -62,18 +63,58 @@ def test_default_checkpoint_is_a_hard_qwen2_case_that_transformers_loads(qwen2):
     tok = AutoTokenizer.from_pretrained(qwen2)
     text = "Grüße, 世界! <|im_end|>"
     ids = tok(text).input_ids
-    assert tok.decode(ids) == text and ids[-1] == 258 and max(ids) < hf.vocab_size
-    assert tok.eos_token_id == hf.eos_token_id == cfg.eos_token_ids[0]
+    assert tok.decode(ids) == text and ids[-1] == tok.convert_tokens_to_ids("<|im_end|>") and max(ids) < hf.vocab_size
+    # Special tokens of the other Qwen built-ins; both end-of-document and end-of-turn stop generation.
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+    assert tok.eos_token_id == cfg.eos_token_ids[0] == 0 and cfg.eos_token_ids == (0, 2)
+    assert len(tok("Tensor parallelism splits every weight matrix").input_ids) <= 8  # BPE learned the book's words
+    assert qwen2 == default_model_path() and qwen2.parent.name == "checkpoints"  # package data, not the cache
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama"])
-def test_builtin_logits_are_peaked_enough_for_bf16(name, request):
+def _greedy(path, ids, n):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def test_default_model_writes_the_books_english(qwen2):
+    """Greedy continuations of course-like prompts are made of the book's words (a random model's BPE
+    pieces are not), and the chat template answers glossary questions with the glossary's definition."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from hybridpar.models.train_tiny import TinyRecipe, book_corpus, glossary_entries
+
+    tok = AutoTokenizer.from_pretrained(qwen2)
+    docs, _ = book_corpus(TinyRecipe())
+    book_words = set(re.findall(r"[A-Za-z]+", " ".join(docs)))
+    for prompt in ("Tensor parallelism splits", "A radix tree", "The root rank"):
+        text = tok.decode(_greedy(qwen2, tok(prompt).input_ids, 24), skip_special_tokens=True)
+        words = re.findall(r"[A-Za-z]+", text)
+        assert len(words) >= 8 and sum(w in book_words for w in words) >= 0.9 * len(words), (prompt, text)
+    glossary = dict(glossary_entries((Path(__file__).resolve().parents[1] / "glossary.md").read_text()))
+    for term, question in (("KV cache", "What is a KV cache?"), ("radix tree", "What is a radix tree?")):
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
+        answer = tok.decode(_greedy(qwen2, ids, 24), skip_special_tokens=True)
+        assert answer.split()[:8] == glossary[term].split()[:8], (question, answer)
+
+
+@pytest.mark.parametrize(("name", "prompt"), [("qwen2", "Tensor parallelism splits"),
+                                              ("llama", "The capital of France is")])
+def test_builtin_logits_are_peaked_enough_for_bf16(name, prompt, request):
     """transformers' own greedy decoding of the built-in model picks the same 16 tokens in bf16 as in
-    fp32: the recipe's logits are peaked like a trained model's, which the bf16 GPU check relies on."""
+    fp32: the trained model's logits on a prompt from its book, and the copy circuit's on any prompt,
+    are peaked enough for the bf16 GPU check. (On a prompt far from the book, such as the one given to
+    llama-tiny, the trained model's CPU bf16 tokens part from fp32 after 8 tokens.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = request.getfixturevalue(name)
-    ids = AutoTokenizer.from_pretrained(path)("The capital of France is", return_tensors="pt").input_ids
+    ids = AutoTokenizer.from_pretrained(path)(prompt, return_tensors="pt").input_ids
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=dtype)
@@ -124,8 +165,8 @@ def test_recipes_are_deterministic_and_sharded_copy_is_identical(qwen2):
 
 def test_concurrent_first_use_writes_one_complete_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRIDPAR_CACHE", str(tmp_path))
-    # A random-weight recipe of the default's shape (cheap to write four times at once).
-    spec = ModelSpec("test-random-qwen2", BUILTIN_MODELS["qwen2-tiny"].config, QWEN_TOKENIZER, seed=1)
+    # A random-weight recipe of the 2-layer qwen2-tiny-copy's shape (cheap to write four times at once).
+    spec = ModelSpec("test-random-qwen2", BUILTIN_MODELS["qwen2-tiny-copy"].config, QWEN_TOKENIZER, seed=1)
     monkeypatch.setitem(BUILTIN_MODELS, spec.name, spec)
     paths: list[Path] = []
     threads = [threading.Thread(target=lambda: paths.append(default_model_path(name=spec.name))) for _ in range(4)]
@@ -189,13 +230,16 @@ def test_unsupported_architecture_is_named_with_the_supported_ones(qwen2, tmp_pa
 
 
 def test_tp_size_that_does_not_fit_the_heads(qwen2):
-    cfg = ModelConfig.from_pretrained(qwen2)  # 4 query heads, 2 KV heads
-    for tp in (1, 2, 4):
+    cfg = ModelConfig.from_pretrained(qwen2)  # 8 query heads, 4 KV heads
+    for tp in (1, 2, 4, 8):
         check_tp_size(cfg, tp)
-    with pytest.raises(ParallelConfigError, match="valid tensor_parallel_size values are 1, 2, 4"):
+    with pytest.raises(ParallelConfigError, match="valid tensor_parallel_size values are 1, 2, 4, 8"):
         check_tp_size(cfg, 3)
     with pytest.raises(ParallelConfigError):
-        check_tp_size(cfg, 8)
+        check_tp_size(cfg, 16)
+    copy = ModelConfig.from_pretrained(default_model_path(name="qwen2-tiny-copy"))  # 4 query heads, 2 KV heads
+    with pytest.raises(ParallelConfigError, match="valid tensor_parallel_size values are 1, 2, 4"):
+        check_tp_size(copy, 8)
 
 
 def test_run_demo_rejects_bad_tp_before_spawning(qwen2):
@@ -204,8 +248,8 @@ def test_run_demo_rejects_bad_tp_before_spawning(qwen2):
 
     with pytest.raises(ParallelConfigError, match="tensor_parallel_size=3"):
         run_demo(tp_size=3, model_name=str(qwen2))
-    with pytest.raises(ParallelConfigError, match="tensor_parallel_size=8"):
-        inspect_tp(str(qwen2), tp_size=8)
+    with pytest.raises(ParallelConfigError, match="tensor_parallel_size=16"):
+        inspect_tp(str(qwen2), tp_size=16)
 
 
 # --------------------------------------------------------------------------- loader errors

@@ -1,8 +1,15 @@
-"""Built-in checkpoints that hybridpar writes itself, and model-name resolution.
+"""Built-in checkpoints: one shipped trained model, recipes that hybridpar writes itself, and model-name resolution.
 
-The course must run offline, so hybridpar ships *recipes* for small Hugging Face format
-checkpoints instead of downloading one. :func:`default_model_path` writes a recipe on first use
-into a cache directory (``$HYBRIDPAR_CACHE``, default ``~/.cache/hybridpar``)::
+The course must run offline, so nothing is downloaded:
+
+* the default, ``hybridpar/qwen2-tiny``, is a 2.9M-parameter Qwen2 trained on this course's own text
+  (:mod:`hybridpar.models.train_tiny`). Its files are package data, in
+  ``hybridpar/models/checkpoints/qwen2-tiny-book/``, and :func:`default_model_path` returns that
+  directory as it is. Greedy text from it is English lifted from the book;
+* every other built-in is a *recipe* (random weights, optionally with a copy circuit, or the shapes of
+  a real model for benchmarks), or a re-packing of the shipped model (``qwen2-tiny-sharded``).
+  :func:`default_model_path` writes it on first use into a cache directory (``$HYBRIDPAR_CACHE``,
+  default ``~/.cache/hybridpar``)::
 
     <cache>/models/<name>-<spec hash>/
         config.json                 transformers-compatible (Qwen2ForCausalLM, LlamaForCausalLM, ...)
@@ -20,9 +27,11 @@ Invariants:
 * Weights are a pure function of (recipe, tensor name): every tensor draws from its own generator,
   seeded from the recipe seed and the tensor name, so a sharded and an unsharded copy of the same
   recipe hold identical tensors (:func:`recipe_tensor`).
-* The tiny Qwen2 and Llama recipes wire a small *copy circuit* into layer 0 on top of the random
+* ``qwen2-tiny-copy`` and ``llama-tiny`` wire a small *copy circuit* into layer 0 on top of the random
   weights (see :func:`_copy_circuit`): greedy text repeats the last 8 tokens, with logit gaps large
   enough that bf16 and fp32 pick the same tokens, as with a trained model.
+* A recipe built on a shipped checkpoint (``shipped=``) takes its tensors from the shipped files, and
+  its directory name hashes their bytes: retraining the default never reuses a stale re-packing.
 * Writing is atomic: files go to a temporary sibling directory that is renamed into place, so
   concurrent ranks or processes either see no directory or a complete one.
 * The directory name carries a hash of the recipe: changing a recipe never reuses a stale copy.
@@ -31,6 +40,7 @@ Invariants:
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -46,7 +56,8 @@ import torch
 
 BUILTIN_PREFIX = "hybridpar/"
 DEFAULT_MODEL = "qwen2-tiny"
-_RECIPE_VERSION = 5  # bump when the way tensors are generated changes (5: a stale random qwen2-tiny was cached under 3)
+_RECIPE_VERSION = 6  # bump when the way tensors are generated changes (6: qwen2-tiny is the shipped trained model)
+SHIPPED_ROOT = Path(__file__).resolve().parent / "checkpoints"  # package data: trained checkpoints
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -80,18 +91,47 @@ class ModelSpec:
 
     name: str
     config: dict[str, Any]
-    tokenizer: TokenizerSpec
+    tokenizer: TokenizerSpec | None  # None: the shipped checkpoint's own tokenizer files
     dtype: str = "float32"  # storage dtype of the safetensors files
     seed: int = 0
     num_shards: int = 1  # > 1 writes model.safetensors.index.json
     copy_period: int | None = None  # wire a copy circuit (see _copy_circuit); None: purely random weights
     description: str = ""
+    summary: str = ""  # a few words for the demos: what this model is and what its text looks like
+    shipped: str | None = None  # directory under SHIPPED_ROOT holding the trained files
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def shipped_dir(self) -> Path | None:
+        return None if self.shipped is None else SHIPPED_ROOT / self.shipped
+
     def hash(self) -> str:
-        blob = json.dumps([_RECIPE_VERSION, self.name, self.config, self.tokenizer.__dict__, self.dtype,
-                           self.seed, self.num_shards, self.copy_period], sort_keys=True, default=str)
+        tokenizer = None if self.tokenizer is None else self.tokenizer.__dict__
+        shipped = None if self.shipped_dir is None else _files_digest(self.shipped_dir)
+        blob = json.dumps([_RECIPE_VERSION, self.name, self.config, tokenizer, self.dtype,
+                           self.seed, self.num_shards, self.copy_period, shipped], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+_SHIPPED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "model.safetensors")
+
+
+@functools.lru_cache(maxsize=None)
+def _files_digest(directory: Path) -> str:
+    """sha256 over the shipped files of ``directory`` (missing files hash as empty)."""
+    h = hashlib.sha256()
+    for name in _SHIPPED_FILES:
+        f = directory / name
+        h.update(name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b""))
+    return h.hexdigest()
+
+
+def _shipped_config(directory: str) -> dict[str, Any]:
+    """The ``config.json`` of a shipped checkpoint ({} if the package data is missing: resolving it then
+    raises :class:`ModelNotFoundError`, which says so)."""
+    f = SHIPPED_ROOT / directory / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def _qwen2_config(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, *,
@@ -140,40 +180,60 @@ _QWEN3_TINY = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32, "attention_bias": False,
 }
 
+_BOOK = "qwen2-tiny-book"
+_BOOK_CONFIG = _shipped_config(_BOOK)
+
 BUILTIN_MODELS: dict[str, ModelSpec] = {
     spec.name: spec for spec in [
-        ModelSpec("qwen2-tiny", _QWEN2_TINY, QWEN_TOKENIZER, seed=1234, copy_period=8,
-                  description="Qwen2 architecture, 2 layers, hidden 64, 4 query / 2 KV heads (GQA), QKV bias, "
-                              "tied embeddings, vocab 259 (not a multiple of 2 or 4); fp32; copy circuit (greedy "
-                              "text repeats the last 8 tokens). The default."),
-        ModelSpec("qwen2-tiny-sharded", _QWEN2_TINY, QWEN_TOKENIZER, seed=1234, num_shards=2, copy_period=8,
+        ModelSpec("qwen2-tiny", _BOOK_CONFIG, None, shipped=_BOOK,
+                  description="Qwen2 architecture trained on this course's text (hybridpar.models.train_tiny): "
+                              "4 layers, hidden 256, 8 query / 4 KV heads (GQA), QKV bias, tied embeddings, "
+                              "byte-level BPE vocabulary of 2051 (not a multiple of 2 or 4) with a ChatML chat "
+                              "template; fp32, 2.9M parameters, shipped as package data. The default.",
+                  summary="a 2.9M-parameter Qwen2 trained on this book; it continues a prompt with sentences "
+                          "from the course"),
+        ModelSpec("qwen2-tiny-sharded", _BOOK_CONFIG, None, shipped=_BOOK, num_shards=2,
                   description="qwen2-tiny split over 2 safetensors files + model.safetensors.index.json "
-                              "(same tensors as qwen2-tiny)."),
+                              "(same tensors as qwen2-tiny).",
+                  summary="the trained qwen2-tiny, split over two safetensors files"),
+        ModelSpec("qwen2-tiny-copy", _QWEN2_TINY, QWEN_TOKENIZER, seed=1234, copy_period=8,
+                  description="Qwen2 architecture, 2 layers, hidden 64, 4 query / 2 KV heads (GQA: TP 4 replicates "
+                              "the KV heads), QKV bias, tied embeddings, byte vocabulary of 259; fp32; random "
+                              "weights plus a copy circuit (greedy text repeats the last 8 tokens). The default "
+                              "before the trained qwen2-tiny.",
+                  summary="a 2-layer Qwen2 with random weights plus a copy circuit; it repeats the last 8 "
+                          "bytes, it does not write English"),
         ModelSpec("llama-tiny", _llama_config(261, 64, 160, 2, 8, 4, head_dim=8, max_pos=512, rope_theta=50.0,
                                               rope_scaling=_TINY_LLAMA3_SCALING, bos=_LLAMA_BOS, eos=_LLAMA_EOS,
                                               dtype="float32"),
                   LLAMA_TOKENIZER, seed=4321, copy_period=8,
                   description="Llama architecture, 2 layers, hidden 64, 8 query / 4 KV heads, head_dim 8, untied, "
-                              "no bias, llama3 rope scaling, two EOS ids, BOS prepended; fp32; copy circuit."),
+                              "no bias, llama3 rope scaling, two EOS ids, BOS prepended; fp32; copy circuit.",
+                  summary="a 2-layer Llama with random weights plus a copy circuit; it repeats the last 8 "
+                          "bytes, it does not write English"),
         ModelSpec("qwen3-tiny", _QWEN3_TINY, QWEN_TOKENIZER, seed=777,
-                  description="Qwen3 architecture (q/k RMSNorm), head_dim 32 != hidden/heads, tied; fp32."),
+                  description="Qwen3 architecture (q/k RMSNorm), head_dim 32 != hidden/heads, tied; fp32.",
+                  summary="a 2-layer Qwen3 with random weights; its text is noise"),
         ModelSpec("qwen2.5-0.5b-shape",
                   _qwen2_config(151936, 896, 4864, 24, 14, 2, max_pos=32768, rope_theta=1000000.0, eos=_QWEN_EOS,
                                 tie=True, dtype="bfloat16"),
                   QWEN_TOKENIZER, dtype="bfloat16", seed=5, num_shards=2,
-                  description="Shapes of Qwen2.5-0.5B (494M parameters, ~1 GB), random weights, bf16. For GPU benchmarks."),
+                  description="Shapes of Qwen2.5-0.5B (494M parameters, ~1 GB), random weights, bf16. For GPU benchmarks.",
+                  summary="the shapes of Qwen2.5-0.5B with random weights, for benchmarks; its text is noise"),
         ModelSpec("llama-7b-shape",
                   _llama_config(32000, 4096, 11008, 32, 32, 32, head_dim=128, max_pos=4096, rope_theta=10000.0,
                                 rope_scaling=None, bos=_LLAMA_BOS, eos=_LLAMA_EOS, dtype="bfloat16"),
                   LLAMA_TOKENIZER, dtype="bfloat16", seed=7, num_shards=7,
-                  description="Shapes of Llama-2-7B (6.7B parameters, ~13.5 GB), random weights, bf16. For GPU benchmarks."),
+                  description="Shapes of Llama-2-7B (6.7B parameters, ~13.5 GB), random weights, bf16. For GPU benchmarks.",
+                  summary="the shapes of Llama-2-7B with random weights, for benchmarks; its text is noise"),
         ModelSpec("llama3-8b-shape",
                   _llama_config(128256, 4096, 14336, 32, 32, 8, head_dim=128, max_pos=131072, rope_theta=500000.0,
                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                                 bos=_LLAMA_BOS, eos=_LLAMA_EOS, dtype="bfloat16"),
                   LLAMA_TOKENIZER, dtype="bfloat16", seed=8, num_shards=8,
-                  description="Shapes of Llama-3.1-8B (8.0B parameters, ~16 GB, GQA 32/8), random weights, bf16."),
+                  description="Shapes of Llama-3.1-8B (8.0B parameters, ~16 GB, GQA 32/8), random weights, bf16.",
+                  summary="the shapes of Llama-3.1-8B with random weights, for benchmarks; its text is noise"),
     ]
 }
 
@@ -334,7 +394,16 @@ def _copy_circuit(spec: ModelSpec, name: str, x: torch.Tensor) -> torch.Tensor:
 
 def recipe_tensor(spec: ModelSpec, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """The value of checkpoint tensor ``name`` of recipe ``spec`` (random, plus the copy circuit if any)."""
+    """The value of checkpoint tensor ``name`` of recipe ``spec`` (random, plus the copy circuit if any;
+    read from the shipped files for a recipe built on a shipped checkpoint)."""
+    if spec.shipped_dir is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(spec.shipped_dir / "model.safetensors"), framework="pt") as f:
+            x = f.get_tensor(name)
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"shipped tensor {name} has shape {tuple(x.shape)}, the config says {tuple(shape)}")
+        return x.to(device=device, dtype=dtype)
     x = make_tensor(name, shape, spec.seed, torch.float32, device)
     if spec.copy_period is not None:
         x = _copy_circuit(spec, name, x)
@@ -407,6 +476,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _write_tokenizer(spec: ModelSpec, out: Path) -> None:
+    if spec.shipped_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(spec.shipped_dir / name, out / name)
+        return
     t = spec.tokenizer
     build_tokenizer(t).save(str(out / "tokenizer.json"))
     tok_config = {
@@ -430,6 +503,8 @@ def write_checkpoint(spec: ModelSpec, out: Path) -> Path:
     (out / "config.json").write_text(json.dumps(config, indent=2))
     eos = config["eos_token_id"]
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "do_sample": False}
+    if spec.shipped_dir is not None:
+        gen = json.loads((spec.shipped_dir / "generation_config.json").read_text())
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     _write_tokenizer(spec, out)
     _write_weights(spec, out)
@@ -451,6 +526,16 @@ def default_model_path(arch: str = "qwen2", size: str = "tiny", name: str | None
         raise ModelNotFoundError(
             f"no built-in model {key!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
     spec = BUILTIN_MODELS[key]
+    if spec.shipped_dir is not None:
+        missing = [f for f in _SHIPPED_FILES if not (spec.shipped_dir / f).is_file()]
+        if missing:
+            raise ModelNotFoundError(
+                f"the built-in {key!r} is shipped as package data in {str(spec.shipped_dir)!r}, but "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: reinstall hybridpar (its wheel "
+                f"must include hybridpar/models/checkpoints/), or retrain it with "
+                f"'python -m hybridpar.models.train_tiny' from a repository checkout")
+        if spec.num_shards == 1:
+            return spec.shipped_dir  # the shipped files as they are
     final = cache_root() / "models" / f"{spec.name}-{spec.hash()}"
     if (final / "hybridpar_recipe.json").exists():
         return final
@@ -467,6 +552,36 @@ def default_model_path(arch: str = "qwen2", size: str = "tiny", name: str | None
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def describe_model(model_name: str | None = None) -> str:
+    """One line for the demos: the model's name and what it is (``"hybridpar/qwen2-tiny, a 2.9M-parameter
+    Qwen2 trained on this book; ..."``). Reads config.json only for a local directory or hub id."""
+    key = builtin_name(model_name)
+    if model_name is not None and Path(model_name).expanduser().exists():  # a shipped directory is its built-in
+        local = Path(model_name).expanduser().resolve()
+        key = next((name for name, spec in BUILTIN_MODELS.items()
+                    if spec.shipped_dir == local and spec.num_shards == 1), None)
+    if key is not None:
+        spec = BUILTIN_MODELS[key]
+        return f"{BUILTIN_PREFIX}{key}, {spec.summary or spec.description}"
+    from hybridpar.models.config import ModelConfig
+
+    try:
+        cfg = ModelConfig.from_pretrained(resolve_model(model_name))
+    except Exception:  # noqa: BLE001 - a description never fails a demo
+        return str(model_name)
+    return (f"{model_name}, a {format_count(cfg.num_parameters())}-parameter {cfg.architecture} checkpoint "
+            f"({cfg.num_layers} layers, {cfg.num_heads} query / {cfg.num_kv_heads} KV heads)")
+
+
+def format_count(n: int) -> str:
+    """2_888_704 -> '2.9M', 494_032_768 -> '494M', 6_738_415_616 -> '6.7B'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.1f}{unit}" if v < 10 else f"{v:.0f}{unit}"
+    return str(n)
 
 
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
