@@ -1,10 +1,10 @@
 """The tensor-parallel decoder computes what transformers computes (CPU, gloo, fp32).
 
 One launch of 4 ranks covers TP 4, 2 and 1 (the groups are re-initialised in between) on the
-built-in Qwen2 (GQA 4/2 heads, QKV bias, tied embeddings, vocab 259), Llama (8/4 heads, untied,
-llama3 RoPE) and, at TP 2, Qwen3 (q/k norm, head_dim 32) checkpoints; the transformers reference
-runs once, here in the parent.
-TP 4 on qwen2-tiny replicates its 2 KV heads; vocab 259 divides by neither 2 nor 4.
+built-in Qwen2 (the trained default: GQA 8/4 heads, QKV bias, tied embeddings, vocab 2051), Llama
+(8/4 heads, untied, llama3 RoPE), at TP 2 Qwen3 (q/k norm, head_dim 32) and at TP 4 the copy-circuit
+Qwen2 (GQA 4/2 heads: TP 4 replicates its 2 KV heads, biases included); the transformers reference
+runs once, here in the parent. Vocabularies of 2051 and 259 divide by neither 2 nor 4.
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from hybridpar.models.verify import FP32_ATOL, compare, hf_reference  # noqa: E4
 from tests.model_workers import tp_sweep  # noqa: E402
 
 TP_SIZES = [4, 2, 1]
-MODEL_TP = {"qwen2": TP_SIZES, "llama": TP_SIZES, "qwen3": [2]}
+MODEL_TP = {"qwen2": TP_SIZES, "llama": TP_SIZES, "qwen3": [2], "qwen2_copy": [4]}
 EXTRA_TP = [4, 2]  # load statistics and shard reports
 GENERATION_TP = [2]  # batching, sampling, EOS, full and index.json loading
 NEW_TOKENS = 32
-TEXTS = ["The capital of France is", "def f(x):", "Tensor parallelism splits every weight matrix", "Hi"]
+TEXTS = ["The capital of France is", "def f(x):", "Tensor parallelism splits every weight matrix over the ranks of a group",
+         "Hi"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def sweep(tmp_path_factory):
 
     # Built-ins come from the shared cache (written once per machine); the damaged copy is ours.
     paths = {"qwen2": default_model_path(name="qwen2-tiny"), "llama": default_model_path(name="llama-tiny"),
-             "qwen3": default_model_path(name="qwen3-tiny"),
+             "qwen3": default_model_path(name="qwen3-tiny"), "qwen2_copy": default_model_path(name="qwen2-tiny-copy"),
              "qwen2_sharded": default_model_path(name="qwen2-tiny-sharded")}
     truncated = tmp_path_factory.mktemp("damaged") / "truncated"
     shutil.copytree(paths["qwen2"], truncated)
@@ -119,11 +120,11 @@ def test_truncated_safetensors_error_names_the_file_and_the_fix(sweep):
 def test_rank_reports_show_each_ranks_shards(sweep, tp):
     reports = [r[tp]["extras"]["report"] for r in sweep[1]][:tp]  # one TP group
     assert [r.tp_rank for r in reports] == list(range(tp))
-    assert all(r.q_heads == 4 // tp and r.kv_heads == max(1, 2 // tp) for r in reports)
+    assert all(r.q_heads == 8 // tp and r.kv_heads == 4 // tp for r in reports)  # 8 query / 4 KV heads
     rows = [r.vocab_rows for r in reports]
-    assert rows[0][0] == 0 and all(a[1] == b[0] for a, b in zip(rows, rows[1:])) and rows[-1][1] >= 259
+    assert rows[0][0] == 0 and all(a[1] == b[0] for a, b in zip(rows, rows[1:])) and rows[-1][1] >= 2051
     full = reports[0].full_model_parameters
     assert all(r.num_parameters < full for r in reports)
     assert sum(r.num_parameters for r in reports) >= full
     qkv = [t for t in reports[0].tensors if t.name == "model.layers.0.self_attn.qkv_proj.weight"][0]
-    assert qkv.split == "column" and qkv.local_shape == [(4 // tp + 2 * max(1, 2 // tp)) * 16, 64]
+    assert qkv.split == "column" and qkv.local_shape == [(8 // tp + 2 * (4 // tp)) * 32, 256]
