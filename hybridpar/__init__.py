@@ -25,6 +25,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    # the engine (vLLM's offline API)
+    "LLM": "hybridpar.engine",
+    "SamplingParams": "hybridpar.models.sampling",
+    "RequestOutput": "hybridpar.engine",
+    "EngineConfig": "hybridpar.engine",
+    "RankPool": "hybridpar.distributed.rank_pool",
     # launcher
     "launch": "hybridpar.distributed.launcher",
     "run_torchrun": "hybridpar.distributed.launcher",

@@ -144,8 +144,8 @@ def test_port_taken_between_probe_and_bind_is_retried(monkeypatch):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         ports = [taken.getsockname()[1]]
-        free_port = launcher_mod._free_port
-        monkeypatch.setattr(launcher_mod, "_free_port", lambda: ports.pop() if ports else free_port())
+        original = launcher_mod.free_port
+        monkeypatch.setattr(launcher_mod, "free_port", lambda: ports.pop() if ports else original())
         out = launch(workers.sum_of_ranks, 1)
     assert ports == [] and out[0]["world"] == 1
 

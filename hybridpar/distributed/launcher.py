@@ -45,69 +45,24 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hybridpar.distributed.replies import (  # noqa: F401  (the errors are part of this module's API)
+    KILL_GRACE_S,
+    LaunchTimeoutError,
+    PortTaken,
+    RankFailedError,
+    gather_replies,
+    kill_all,
+)
+
 BACKENDS = ("auto", "gloo", "nccl")
 _PG_TIMEOUT_SLACK_S = 10.0  # the process-group timeout exceeds the launch timeout by this much
-_KILL_GRACE_S = 2.0  # SIGTERM, wait this long, then SIGKILL
-_SETTLE_S = 0.5  # after a first failure, collect others this long to find the root cause
-_POLL_S = 0.25  # longest single wait, so that a pending Ctrl-C is acted on promptly
-
-
-class RankFailedError(RuntimeError):
-    """A rank raised an exception or exited without reporting a result.
-
-    ``rank`` is the failing rank, ``remote_traceback`` the traceback text formatted in that rank
-    (empty when the process died without one), ``exitcode`` its exit code when it died silently.
-    ``note`` is a hint; ``consequences`` lists the errors of peers that failed afterwards.
-    """
-
-    def __init__(self, rank: int, remote_traceback: str, exitcode: int | None = None, note: str = "",
-                 consequences: str = ""):
-        self.rank, self.remote_traceback, self.exitcode = rank, remote_traceback, exitcode
-        self.note, self.consequences = note, consequences
-        if exitcode is None:
-            msg = f"rank {rank} failed"
-        else:
-            msg = f"rank {rank} exited with code {exitcode}{_signal_suffix(exitcode)} without reporting a result"
-        msg += f"; {note}" if note else ""
-        msg += f"\n\n--- traceback from rank {rank} ---\n{remote_traceback.rstrip()}" if remote_traceback else ""
-        msg += f"\n\nOther ranks failed afterwards, probably as a consequence:\n{consequences}" if consequences else ""
-        super().__init__(msg)
-
-    def __reduce__(self):
-        return type(self), (self.rank, self.remote_traceback, self.exitcode, self.note, self.consequences)
-
-
-class LaunchTimeoutError(TimeoutError):
-    """Some ranks were still running when the launch timeout expired; all were killed."""
-
-    def __init__(self, ranks: list[int], timeout: float):
-        self.ranks, self.timeout = ranks, timeout
-        super().__init__(
-            f"launch timed out after {timeout:g} s; ranks {ranks} were still running and have been killed. "
-            "A common cause is a collective that not every rank entered (a peer skipped it, called a "
-            "different collective, or used a different order), or a rank waiting on a peer that died. "
-            "If the work is just slow, pass a larger timeout=."
-        )
-
-    def __reduce__(self):
-        return type(self), (self.ranks, self.timeout)
-
-
-def _signal_suffix(exitcode: int) -> str:
-    if exitcode >= 0:
-        return ""
-    try:
-        return f" ({signal.Signals(-exitcode).name})"
-    except ValueError:
-        return ""
 
 
 def resolve_backend(backend: str, nprocs: int) -> str:
@@ -140,14 +95,14 @@ def is_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
-def _setup_rank(backend: str, rank: int, world_size: int, local_rank: int, init_method: str,
+def setup_rank(backend: str, rank: int, world_size: int, local_rank: int, init_method: str,
                 timeout: datetime.timedelta | None) -> None:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def _teardown_rank() -> None:
+def teardown_rank() -> None:
     # parallel_state is only torn down if fn imported it: nothing else can have initialised it.
     parallel_state = sys.modules.get("hybridpar.distributed.parallel_state")
     if parallel_state is not None and parallel_state.model_parallel_is_initialized():
@@ -170,11 +125,11 @@ def run_torchrun(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     backend = "nccl" if torch.cuda.device_count() >= local_world else "gloo"
-    _setup_rank(backend, rank, world_size, local_rank, "env://", None)
+    setup_rank(backend, rank, world_size, local_rank, "env://", None)
     try:
         return fn(*args, **kwargs)
     finally:
-        _teardown_rank()
+        teardown_rank()
 
 
 def _set_parent_death_signal() -> None:
@@ -186,9 +141,8 @@ def _set_parent_death_signal() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _worker(rank: int, nprocs: int, backend: str, port: int, timeout_s: float, quiet: bool,
-            conn: Connection, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-    """Body of one spawned rank. Sends exactly one message on ``conn``."""
+def prepare_rank(rank: int, nprocs: int, port: int, quiet: bool) -> None:
+    """A spawned rank's first lines: die with the parent, leave Ctrl-C to it, optionally silence fds 1 and 2."""
     _set_parent_death_signal()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's job; it kills us.
     if quiet:  # fd-level, so C++ logs (gloo, NCCL) are silenced too
@@ -198,14 +152,20 @@ def _worker(rank: int, nprocs: int, backend: str, port: int, timeout_s: float, q
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nprocs),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+
+
+def _worker(rank: int, nprocs: int, backend: str, port: int, timeout_s: float, quiet: bool,
+            conn: Connection, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    """Body of one spawned rank. Sends exactly one message on ``conn``."""
+    prepare_rank(rank, nprocs, port, quiet)
     stage = "init"
     try:
         pg_timeout = datetime.timedelta(seconds=timeout_s + _PG_TIMEOUT_SLACK_S)
-        _setup_rank(backend, rank, nprocs, rank, f"tcp://127.0.0.1:{port}", pg_timeout)
+        setup_rank(backend, rank, nprocs, rank, f"tcp://127.0.0.1:{port}", pg_timeout)
         stage = "run"
         value = fn(*args, **kwargs)
         stage = "teardown"
-        _teardown_rank()
+        teardown_rank()
         stage = "sending the return value"
         try:
             payload = pickle.dumps(("ok", rank, value, 0.0))
@@ -216,19 +176,19 @@ def _worker(rank: int, nprocs: int, backend: str, port: int, timeout_s: float, q
         payload = pickle.dumps(("err", rank, f"[during {stage}]\n{traceback.format_exc()}", time.monotonic()))
         conn.send_bytes(payload)  # report first: teardown after a failed collective may block
         try:
-            _teardown_rank()
+            teardown_rank()
         finally:
             os._exit(1)
     conn.send_bytes(payload)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _check_launchable(fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+def check_launchable(fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     hint = "define the worker in an importable module, e.g. hybridpar.* or a .py file next to the notebook"
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -263,21 +223,17 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, backend: str = "auto
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     backend = resolve_backend(backend, nprocs)
-    _check_launchable(fn, args, kwargs)
+    check_launchable(fn, args, kwargs)
     try:
         return _launch_once(fn, nprocs, args, kwargs, backend, float(timeout), quiet)
-    except _PortTaken:  # another process grabbed the free port between probe and bind: retry once
+    except PortTaken:  # another process grabbed the free port between probe and bind: retry once
         return _launch_once(fn, nprocs, args, kwargs, backend, float(timeout), quiet, port_retry=False)
-
-
-class _PortTaken(Exception):
-    """Rank 0 could not listen on the probed port: someone else took it in between."""
 
 
 def _launch_once(fn: Callable[..., Any], nprocs: int, args: tuple, kwargs: dict, backend: str, timeout: float,
                  quiet: bool, port_retry: bool = True) -> list[Any]:
     ctx = mp.get_context("spawn")
-    port, deadline = _free_port(), time.monotonic() + timeout
+    port, deadline = free_port(), time.monotonic() + timeout
     procs: list[Any] = []
     conns: dict[Connection, int] = {}
     try:
@@ -291,105 +247,13 @@ def _launch_once(fn: Callable[..., Any], nprocs: int, args: tuple, kwargs: dict,
             finally:
                 writer.close()  # the child holds the only write end, so its death shows up as EOF
             procs.append(p)
-        sentinels = {p.sentinel: r for r, p in enumerate(procs)}
-        results: dict[int, Any] = {}
-        failures: list[_Failure] = []
-        while len(results) + len(failures) < nprocs:
-            # After a first failure, let secondary failures arrive so that the root cause can be picked.
-            limit = min(deadline, failures[0].seen + _SETTLE_S) if failures else deadline
-            # Wait in short slices: a Ctrl-C (SIGINT) that lands on another thread of this process, as
-            # it can in a Jupyter kernel, raises KeyboardInterrupt only when the main thread runs Python.
-            ready = wait(list(conns) + list(sentinels), timeout=min(_POLL_S, max(0.0, limit - time.monotonic())))
-            if not ready:
-                if time.monotonic() < limit:
-                    continue
-                if failures:
-                    break
-                raise LaunchTimeoutError([r for r in range(nprocs) if r not in results], timeout)
-            for conn in [c for c in ready if c in conns]:
-                _receive(conn, conns, results, failures, port_retry)
-            for s in [s for s in ready if s in sentinels]:
-                rank = sentinels.pop(s)
-                if rank in results or any(f.rank == rank for f in failures):
-                    continue
-                reader = next((c for c, r in conns.items() if r == rank), None)
-                if reader is not None and reader.poll():  # its report may still sit in the pipe
-                    _receive(reader, conns, results, failures, port_retry)
-                if rank not in results and not any(f.rank == rank for f in failures):
-                    procs[rank].join(timeout=_KILL_GRACE_S)  # the sentinel can fire before waitpid sees the exit
-                    failures.append(_Failure(rank, "", time.monotonic(), float("-inf"), procs[rank].exitcode))
-        if failures:
-            raise _root_cause(failures)
+        results = gather_replies(procs, dict(conns), deadline, timeout, port_retry=port_retry)
         for p in procs:
-            p.join(timeout=_KILL_GRACE_S)
+            p.join(timeout=KILL_GRACE_S)
         return [results[r] for r in range(nprocs)]
     finally:
-        _kill_all(procs)
+        kill_all(procs)
         for conn in conns:
             conn.close()
 
 
-@dataclass
-class _Failure:
-    rank: int
-    traceback: str
-    seen: float  # parent clock, when the parent learnt of it
-    raised_at: float  # rank clock (CLOCK_MONOTONIC is system-wide on Linux); -inf for silent deaths
-    exitcode: int | None = None
-
-
-def _root_cause(failures: list[_Failure]) -> RankFailedError:
-    """Pick the failure that happened first; a silent death always counts as a cause, never an effect.
-
-    When one rank fails, its peers fail next inside the collective they were waiting in
-    ("connection closed by peer"); those errors are symptoms, listed in the note.
-    """
-    first = min(failures, key=lambda f: f.raised_at)
-    note = ""
-    if first.exitcode is not None:
-        note = ("it was killed or crashed (segfault, out of memory, os._exit). If it died at start-up, rerun with "
-                "quiet=False to see its stderr; scripts must call launch() under `if __name__ == '__main__':`")
-    consequences = "\n".join(
-        f"  rank {f.rank}: " + (f.traceback.strip().splitlines() or [f"exit code {f.exitcode}"])[-1]
-        for f in failures if f is not first)
-    return RankFailedError(first.rank, first.traceback, first.exitcode, note, consequences)
-
-
-def _receive(conn: Connection, conns: dict[Connection, int], results: dict[int, Any],
-             failures: list[_Failure], port_retry: bool) -> None:
-    """Read one rank's report into ``results`` or ``failures``."""
-    rank = conns.pop(conn)
-    try:
-        data = conn.recv_bytes()
-    except EOFError:
-        return  # died without reporting; its sentinel handles it
-    finally:
-        conn.close()
-    now = time.monotonic()
-    try:
-        status, _, value, raised_at = pickle.loads(data)
-    except Exception:
-        failures.append(_Failure(rank, "its return value could not be unpickled in the parent (is its class "
-                                       f"importable here?)\n{traceback.format_exc()}", now, now))
-        return
-    if status == "ok":
-        results[rank] = value
-    elif port_retry and value.startswith("[during init]") and "address already in use" in value.lower():
-        raise _PortTaken()
-    else:
-        failures.append(_Failure(rank, value, now, raised_at))
-
-
-def _kill_all(procs: list[Any]) -> None:
-    """SIGTERM every live child, SIGKILL those still alive after a grace period, and reap all."""
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    end = time.monotonic() + _KILL_GRACE_S
-    for p in procs:
-        p.join(timeout=max(0.0, end - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-        p.join()
-        p.close()

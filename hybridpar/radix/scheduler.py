@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -74,8 +74,7 @@ class RequestTooLargeError(ValueError):
 class StepPlan:
     """One step as decided on rank 0; every rank executes it identically.
 
-    ``kind``: ``"prefill"``, ``"decode"``, ``"done"`` (``payload`` = results and metrics) or
-    ``"abort"`` (``payload`` = rank 0's error). ``mem_ops``: pool changes to replay first. Batch
+    ``kind``: ``"prefill"``, ``"decode"`` or ``"done"`` (``payload`` = results and metrics). ``mem_ops``: pool changes to replay first. Batch
     entry ``i`` uses row ``req_pool_indices[i]``, has ``prefix_lens[i]`` tokens of KV already and
     brings ``extend_lens[i]`` new ones, whose ids are the ``i``-th segment of ``input_ids`` and whose
     KV goes to the same segment of ``out_cache_loc``. ``sample_rows``: entries whose last new token
@@ -101,7 +100,7 @@ class RequestResult:
     rid: int
     prompt_ids: list[int]
     output_ids: list[int]
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "stop" (a stop string) or "length"
     cached_tokens: int  # prompt tokens served from the radix cache at first admission
     num_preemptions: int
     ttft_s: float  # arrival -> first token
@@ -197,6 +196,7 @@ class TPScheduler:
                                         config.head_dim, config.num_layers, self.device)
         self.backend = RadixAttentionBackend(self.req_to_token_pool, self.kv_pool, check_reads=self.args.debug_checks)
         self.metrics = SchedulerMetrics()
+        self.on_request_finished: Callable[[RequestResult], None] | None = None  # rank 0 (progress bars)
         self._graph_runner = None  # PagedDecodeRunner, built at the first decode step when use_cuda_graph
         self._next_rid = 0
         if self.is_leader:
@@ -287,13 +287,11 @@ class TPScheduler:
         On rank 0 this runs the scheduling loop; on the other ranks the follower loop. Both
         return the same results (shipped with the final ``done`` plan). Call it on every rank.
         """
-        if not self.is_leader:
-            return self._follow()
-        try:
-            return self._lead()
-        except BaseException as exc:
-            self._send(StepPlan("abort", payload=f"{type(exc).__name__}: {exc}"))
-            raise
+        # A failure raises out of here on whichever rank it happens. It is never announced to the
+        # other ranks through the TP group: they may be inside a collective of the step (the
+        # forward's all-gather), and a second collective would hang them. The process runner
+        # reports it out of band and ends the ranks (hybridpar.distributed.rank_pool, launch, torchrun).
+        return self._lead() if self.is_leader else self._follow()
 
     def _follow(self) -> dict[int, RequestResult]:
         while True:
@@ -302,8 +300,6 @@ class TPScheduler:
             if plan.kind == "done":
                 results, self.metrics = plan.payload
                 return results
-            if plan.kind == "abort":
-                raise RuntimeError(f"TP rank 0 stopped serving: {plan.payload}")
             self._execute(plan)
 
     def _send(self, plan: StepPlan) -> None:
@@ -488,6 +484,8 @@ class TPScheduler:
             self.metrics.generated_tokens += 1
             if tok in self.eos_token_ids and not req.sampling.ignore_eos:
                 req.finish_reason = "eos"
+            elif req.sampling.stop and any(x in self.wrapper.decode(req.output_ids) for x in req.sampling.stop):
+                req.finish_reason = "stop"  # the engine cuts the text before the stop string
             elif req.remaining_new_tokens <= 0:
                 req.finish_reason = "length"
             if req.finish_reason is not None:
@@ -497,6 +495,8 @@ class TPScheduler:
                 req.finish_time = now
                 results[req.rid] = self._result(req)
                 self.metrics.finished_requests += 1
+                if self.on_request_finished is not None:
+                    self.on_request_finished(results[req.rid])
             elif plan.kind == "prefill":
                 self.tree_cache.cache_unfinished_req(req)  # share the prompt with later requests now
                 self.running.append(req)

@@ -283,8 +283,12 @@ class TokenParallelAttention(AttentionBackend):
         plan = PassPlan([SubBatch(mem_ops=list(ops) or None) for ops in rank_mem_ops])
         broadcast_object(plan, src=0, group=self.group)
 
-    def shutdown(self) -> None:
-        """Tell the attention workers of the group to return (collective; idempotent on the root)."""
+    def release(self) -> None:
+        """Let the attention workers' ``serve()`` return; they keep their KV and may serve again."""
         if self.group is not None and not self.closed:
             broadcast_object(None, src=0, group=self.group)
-            self.closed = True
+
+    def shutdown(self) -> None:
+        """Tell the attention workers of the group to return for good (collective; idempotent on the root)."""
+        self.release()
+        self.closed = True

@@ -251,8 +251,12 @@ class TknpScheduler(TPScheduler):
             out.append({k: d[k] for k in ("free_pages", "free_rows", "req_to_token")})
         return out
 
+    def release_workers(self) -> None:
+        """End the workers' ``serve()`` after a run; they keep their pools for the next (collective)."""
+        self.attn.release()
+
     def shutdown(self) -> None:
-        """Release the attention workers (collective over the TKNP group)."""
+        """Release the attention workers for good (collective over the TKNP group)."""
         self.attn.shutdown()
 
 
