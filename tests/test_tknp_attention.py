@@ -52,9 +52,11 @@ LAYOUTS = [(1, 4), (2, 2), (1, 2)]  # TKNP 2 runs as two replicas (external DP) 
 IDS = ["tknp4", "tp2xtknp2", "tknp2"]
 
 
-# the paged / radix-cache checks of test_tknp_radix run in the same launch (one spawn of 4 ranks)
-PAGED = PagedCase(model="qwen2-tiny", layouts=((1, 2), (2, 2)), budgets={1: 700_000, 2: 500_000}, max_seq_len=64,
-                  workload=default_paged_workload(), page_size=8)
+# the paged / radix-cache checks of test_tknp_radix run in the same launch (one spawn of 4 ranks);
+# each rank's budget is its share of the weights plus 1 MiB of KV (256 tokens at TP 1, 512 at TP 2)
+PAGED = PagedCase(model="qwen2-tiny", layouts=((1, 2), (2, 2)),
+                  budgets={tp: decoder_param_bytes(_config("qwen2-tiny"), tp) + (1 << 20) for tp in (1, 2)},
+                  max_seq_len=64, workload=default_paged_workload(), page_size=8)
 
 
 @functools.cache
