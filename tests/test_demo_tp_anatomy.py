@@ -1,6 +1,7 @@
-"""hybridpar.demos.tp_anatomy on 4 gloo ranks (qwen2-tiny: 4 query heads, 2 KV heads, so KV heads are
-replicated): recorded reads against the layers' own sharding rules, bytes per load format, and the
-collectives of one prefill. One launch for the whole file."""
+"""hybridpar.demos.tp_anatomy on 4 gloo ranks (qwen2-tiny-copy: 4 query heads, 2 KV heads, so KV heads are
+replicated; the trained default has 4 KV heads, one per rank at TP 4): recorded reads against the layers'
+own sharding rules, bytes per load format, and the collectives of one prefill. One launch for the whole
+file."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,7 @@ TP = 4
 
 @pytest.fixture(scope="module")
 def results() -> list:
-    return run_anatomy(tp_size=TP, backend="gloo")
+    return run_anatomy("qwen2-tiny-copy", tp_size=TP, backend="gloo")
 
 
 def test_index_ranges() -> None:
@@ -28,7 +29,7 @@ def test_index_ranges() -> None:
 def test_reads_follow_the_sharding_rules(results: list) -> None:
     assert [r.rank for r in results] == list(range(TP))
     owners = {o.name: o for o in checkpoint_ownership([r.reads for r in results])}
-    hd = 16  # qwen2-tiny: hidden 64 / 4 heads
+    hd = 16  # qwen2-tiny-copy: hidden 64 / 4 heads
     for rank in range(TP):
         part = qkv_partition(4, 2, TP, rank)
         k = owners["model.layers.1.self_attn.k_proj.weight"]
@@ -74,7 +75,7 @@ def test_nccl_two_ranks_same_anatomy() -> None:
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
-    results = run_anatomy(tp_size=2, backend="nccl")
+    results = run_anatomy("qwen2-tiny-copy", tp_size=2, backend="nccl")
     calls = [(c.module, c.collective) for c in results[0].collectives]
     assert calls[0] == ("model.embed_tokens", "all_reduce") and len(calls) == 6
     assert calls[-1] == ("lm_head", "all_gather_into_tensor")
