@@ -19,11 +19,12 @@ are then gone and the object refuses further calls.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
-from hybridpar.distributed.rank_pool import RankPool
 from hybridpar.engine.config import EngineConfig
+from hybridpar.engine.executor import make_executor
 from hybridpar.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from hybridpar.engine.worker import EngineWorker
 from hybridpar.models.sampling import SamplingParams
@@ -35,7 +36,10 @@ class LLM:
     """An engine for offline batched generation; see the module docstring and :class:`EngineConfig`.
 
     ``backend``: "auto" (NCCL with one GPU per rank, else gloo), "gloo" or "nccl".
-    ``start_timeout``: seconds the ranks may take to start and load the model.
+    ``distributed_executor_backend``: ``"mp"`` spawns the ranks; ``"external_launcher"`` makes this
+    process one rank of a torchrun job (every rank runs the same script;
+    :mod:`~hybridpar.engine.executor`). ``start_timeout``: seconds the ranks may take to start.
+    ``worker_cls``: what each rank builds from the config (tests inject faults through it).
     """
 
     def __init__(self, model: str | None = None, *, tensor_parallel_size: int = 1, token_parallel_size: int = 1,
@@ -43,7 +47,8 @@ class LLM:
                  page_size: int = 16, enable_prefix_caching: bool = True, schedule_policy: str = "lpm",
                  max_num_seqs: int = 64, max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.85, seed: int = 0, backend: str = "auto",
-                 start_timeout: float = 300.0, worker_cls: type = EngineWorker) -> None:
+                 distributed_executor_backend: str = "mp", start_timeout: float = 300.0,
+                 worker_cls: Callable[[EngineConfig], Any] = EngineWorker) -> None:
         self.config = EngineConfig(
             model=model, tensor_parallel_size=tensor_parallel_size, token_parallel_size=token_parallel_size,
             enable_token_parallel=enable_token_parallel, data_parallel_size=data_parallel_size, dtype=dtype,
@@ -54,8 +59,7 @@ class LLM:
         self.max_model_len = self.config.context_len(self.model_config)
         self._tokenizer: Any = None
         self._next_id = 0
-        self._pool = RankPool(worker_cls, self.config.world_size, self.config, backend=backend,
-                              start_timeout=start_timeout)
+        self._pool = make_executor(distributed_executor_backend, worker_cls, self.config, backend, start_timeout)
 
     # ---------------------------------------------------------------- tokenizer
     def get_tokenizer(self) -> Any:
@@ -194,7 +198,7 @@ class LLM:
 
     @staticmethod
     def _progress_bar(total: int, use_tqdm: bool) -> Any:
-        if not use_tqdm:
+        if not use_tqdm or int(os.environ.get("RANK", "0")) != 0:
             return None
         from tqdm.auto import tqdm
 
