@@ -15,9 +15,17 @@ def test_tp_generate_demo_under_torchrun_prints_from_rank_0():
     proc = run_under_torchrun(2, "-m", "hybridpar.demos.tp_generate", "--force-cpu", "--model-name",
                               "qwen2-tiny", "--max-new-tokens", "16", "The capital of France is", timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Printed once (rank 0 only), 16 new tokens (no EOS in the way).
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("'The capital of France is' -> ")]
-    assert len(lines) == 1 and lines[0].endswith("  [length]"), proc.stdout
+    # Printed once (rank 0 only): what ran, what to look for, the completion as text, the verdict.
+    out = proc.stdout
+    assert out.count("== Tensor-parallel generation ==") == 1, out
+    assert "hybridpar/qwen2-tiny, a 2.9M-parameter Qwen2 trained on this book" in out
+    assert "TP 2 on gloo (CPU), fp32, greedy, up to 16 new tokens per prompt" in out
+    lines = [line for line in out.splitlines() if line.startswith("'The capital of France is' -> ")]
+    assert len(lines) == 1 and lines[0].endswith(("  [length]", "  [eos]")), out
+    completion = lines[0].split(" -> ", 1)[1].rsplit("  [", 1)[0]
+    assert "\\x" not in completion and "\ufffd" not in completion and len(completion.split()) >= 5  # readable words
+    verdict = out[out.index("verdict:"):]
+    assert "1 completion, identical on all 2 ranks, in the book's English" in " ".join(verdict.split()), out
 
 
 @pytest.mark.gpu
