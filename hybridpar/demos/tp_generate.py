@@ -105,11 +105,11 @@ def format_report(results: list[dict[str, Any]], model_name: str | None, tp: int
     if not all(r["same_on_all_ranks"] for r in results):
         end = f"MISMATCH: the {ranks} ranks generated different tokens: a bug in the TP model or in sampling."
     elif kind == "trained":
-        end = (f"{n} completions, identical on all {ranks} ranks, in the book's English: the sharded weights "
+        end = (f"{n}, identical on all {ranks} ranks, in the book's English: the sharded weights "
                f"were loaded and combined correctly (`python -m hybridpar.models.verify` compares the logits "
                f"with transformers').")
     else:
-        end = (f"{n} completions, identical on all {ranks} ranks. Whether they are right is for "
+        end = (f"{n}, identical on all {ranks} ranks. Whether they are right is for "
                f"`python -m hybridpar.models.verify --model-name ...` to say: it compares the logits with "
                f"transformers'.")
     return "\n".join([head, format_results(results), verdict(end)])
