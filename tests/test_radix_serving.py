@@ -370,9 +370,54 @@ def test_demo_under_torchrun_prints_outputs_and_the_theoretical_hit_rate():
                               *DEMO_ARGS, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "TP=2 on cpu, 6 requests" in out and out.count("group ") == 6
+    assert out.count("== RadixAttention under tensor parallelism ==") == 1  # rank 0 only
+    assert "hybridpar/qwen2-tiny, a 2.9M-parameter Qwen2 trained on this book" in out
+    assert "TP 2 on cpu: 6 requests" in out and "prompts: English system prompts and questions" in out
+    outputs = [line for line in out.splitlines() if line.startswith("  group ")]
+    assert len(outputs) == 6 and not any("\ufffd" in line or "\\x" in line for line in outputs)  # text, not bytes
     assert "cache hit rate        0.533   (theoretical max 0.533; 128 of 240 prompt tokens)" in out
     assert "prefill tokens        112 computed" in out and "output tok/s" in out
+    assert "verdict:   radix cache on: 53 % of prompt tokens reused (the best possible here is 53 %)." in out
+
+
+def test_demo_text_prompts_keep_the_workload_guarantees():
+    """The English prompts have the workload's exact lengths and arrival order; groups share nothing and
+    the prompts of a group exactly their system prompt, so the theoretical hit rate still holds."""
+    from transformers import AutoTokenizer
+
+    from hybridpar.demos.radix_demo import text_requests
+    from hybridpar.models.default_checkpoint import resolve_model
+
+    for name in ("qwen2-tiny", "llama-tiny"):  # BPE and byte-level (with a BOS that must not be used)
+        tok = AutoTokenizer.from_pretrained(str(resolve_model(name)))
+        encode = lambda text: list(tok(text, add_special_tokens=False).input_ids)  # noqa: E731
+        workload = SharedPrefixWorkload(4, 4, 64, 16, 16)
+        reqs = text_requests(workload, encode)
+        assert [(r.group, r.index) for r in reqs] == [(r.group, r.index) for r in workload.requests(shuffle=True)]
+        assert all(len(r.prompt_ids) == 80 and r.max_new_tokens == 16 for r in reqs)
+        for a in reqs:
+            for b in reqs:
+                shared = next((i for i, (x, y) in enumerate(zip(a.prompt_ids, b.prompt_ids)) if x != y), 80)
+                assert shared == (80 if a is b else 64 if a.group == b.group else 0)
+        first = next(r for r in reqs if r.index == 0)
+        assert tok.decode(first.prompt_ids[64:]).strip().startswith("How many collect")  # QUESTIONS[0], cut to 16
+    assert text_requests(SharedPrefixWorkload(9, 2, 8, 4, 1), encode) is None  # more groups than texts
+
+
+def test_demo_verdict_says_whether_reuse_paid_off():
+    from hybridpar.demos.radix_demo import DemoReport, radix_verdict
+
+    def report(device, on, off):
+        metrics = {"cache_hit_rate": 0.6, "prefill_tokens_computed": 512, "total_tokens_per_s": on}
+        return DemoReport(2, "qwen2-tiny", device, 16, 0.6, metrics,
+                          {"prefill_tokens_computed": 1280, "total_tokens_per_s": off}, [])
+
+    slow = radix_verdict(report("cpu", 900.0, 1000.0))
+    assert slow.startswith("radix cache on: 60 % of prompt tokens reused (the best possible here is 60 %); 512 prefill")
+    assert "0.90x the throughput" in slow and "on the CPU the tiny model's prefill is too cheap" in slow
+    assert "chapter 7" in slow
+    fast = radix_verdict(report("cuda:0", 1400.0, 1000.0))
+    assert "1.40x the throughput of the cache-off run: the reuse pays off." in fast
 
 
 def test_demo_from_a_notebook_and_bad_tp_before_spawning(capsys):
@@ -380,7 +425,7 @@ def test_demo_from_a_notebook_and_bad_tp_before_spawning(capsys):
 
     report = run_demo(tp=1, backend="gloo", workload=SharedPrefixWorkload(2, 2, 32, 8, 2), compare=True)
     assert report.metrics["cache_hit_rate"] == pytest.approx(report.theoretical_hit_rate) == 0.4
-    assert report.baseline["cache_hit_rate"] == 0.0 and len(report.outputs) == 4
+    assert report.baseline["cache_hit_rate"] == 0.0 and len(report.outputs) == 4 and report.prompts == "text"
     with pytest.raises(SystemExit) as exc:
         main(["--tp", "3", *DEMO_ARGS])
     assert exc.value.code == 2 and "tp" in capsys.readouterr().err.lower()
