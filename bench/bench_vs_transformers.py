@@ -50,7 +50,7 @@ def _timed(fn, device) -> float:
 def worker(models: list[str], batch: int, prompt_len: int, new_tokens: int, dtype_name: str, graphs: bool,
            compile_ops: bool = False, skip_hf: bool = False) -> list:
     from hybridpar.models.generate import generate
-    from hybridpar.models.sampling import SamplingParams
+    from hybridpar.core import SamplingParams
     from hybridpar.radix.scheduler import TPScheduler
 
     initialize_tensor_parallel(1)

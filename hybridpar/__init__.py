@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # the engine (vLLM's offline API)
     "LLM": "hybridpar.engine",
-    "SamplingParams": "hybridpar.models.sampling",
+    "SamplingParams": "hybridpar.core",
     "RequestOutput": "hybridpar.engine",
     "EngineConfig": "hybridpar.engine",
     "RankPool": "hybridpar.distributed.rank_pool",

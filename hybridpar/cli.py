@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_generate(args: argparse.Namespace) -> int:
     from hybridpar.distributed.launcher import is_torchrun
     from hybridpar.engine.llm import LLM
-    from hybridpar.models.sampling import SamplingParams
+    from hybridpar.core import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     executor = args.distributed_executor_backend or ("external_launcher" if is_torchrun() else "mp")

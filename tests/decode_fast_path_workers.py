@@ -6,7 +6,7 @@ import torch
 from hybridpar.distributed.parallel_state import initialize_tensor_parallel
 from hybridpar.models.generate import generate
 from hybridpar.models.model_wrapper import TPRadixAttentionModelWrapper
-from hybridpar.models.sampling import SamplingParams
+from hybridpar.core import SamplingParams
 from hybridpar.radix.scheduler import TPScheduler
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17], [(5 * j + 3) % 250 for j in range(58)]]

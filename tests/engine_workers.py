@@ -16,7 +16,7 @@ class InjectedFault(RuntimeError):
 class FaultyWorker(EngineWorker):
     """Raises ``InjectedFault`` on global rank ``rank`` at the ``after``-th call of ``stage``:
 
-    * ``"schedule"``: the leader deciding a step (``_get_next_batch``), a follower applying one (``_execute``);
+    * ``"schedule"``: the leader deciding a step (``_get_next_batch``), a follower receiving one (``sync.receive``);
     * ``"forward"``: ``compute_logits``, after the step's plan has gone out (peers are inside the forward);
     * ``"sample"``: the leader processing sampled tokens (``_process_batch_result``);
     * ``"kill"``: the rank SIGKILLs itself in the forward (a crash without a traceback).
@@ -29,7 +29,7 @@ class FaultyWorker(EngineWorker):
         sched = self.scheduler
         assert sched is not None
         target, name = {
-            "schedule": (sched, "_get_next_batch" if sched.is_leader else "_execute"),
+            "schedule": (sched, "_get_next_batch") if sched.is_leader else (sched.sync, "receive"),
             "forward": (sched.model, "compute_logits"),
             "kill": (sched.model, "compute_logits"),
             "sample": (sched, "_process_batch_result"),

@@ -9,7 +9,7 @@ from hybridpar.distributed.parallel_state import destroy_model_parallel, initial
 from hybridpar.models.generate import generate
 from hybridpar.models.loader import CorruptCheckpointError
 from hybridpar.models.model_wrapper import TPRadixAttentionModelWrapper
-from hybridpar.models.sampling import SamplingParams
+from hybridpar.core import SamplingParams
 from hybridpar.models.shard_report import rank_report
 from hybridpar.models.verify import model_checks
 

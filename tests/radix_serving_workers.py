@@ -10,9 +10,10 @@ import torch.distributed as dist
 
 from hybridpar.distributed.parallel_state import initialize_tensor_parallel
 from hybridpar.models.model_wrapper import TPRadixAttentionModelWrapper
-from hybridpar.models.sampling import SamplingParams
+from hybridpar.core import SamplingParams
 from hybridpar.radix import schedule_policy
-from hybridpar.radix.scheduler import RequestTooLargeError, TPScheduler
+from hybridpar.core import RequestTooLargeError
+from hybridpar.radix.scheduler import TPScheduler
 from hybridpar.radix.workload import SharedPrefixWorkload
 
 

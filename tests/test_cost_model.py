@@ -116,7 +116,7 @@ def test_lpm_serves_a_long_queue_first_come_first_served() -> None:
     from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
     from hybridpar.radix.radix_cache import RadixCache
     from hybridpar.radix.schedule_policy import LPM_MAX_QUEUE, SchedulePolicy
-    from hybridpar.radix.serve_req import ServeReq
+    from hybridpar.core import ServeReq
 
     cache = RadixCache(ReqToTokenPool(4, 64), TokenToKVPoolAllocator(256, 1), 1)
     cache.insert([7, 7, 7, 7], torch.arange(4))

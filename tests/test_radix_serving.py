@@ -15,7 +15,7 @@ import torch
 
 from hybridpar.distributed.launcher import launch
 from hybridpar.models.attention_backend import ForwardBatch, ForwardMode
-from hybridpar.models.sampling import SamplingParams
+from hybridpar.core import SamplingParams
 from hybridpar.radix import (
     MHATokenToKVPool,
     RadixCache,
@@ -32,7 +32,7 @@ from hybridpar.radix.pool_sync import (
     replay,
 )
 from hybridpar.radix.schedule_policy import AddResult, InBatchPrefixFilter, PrefillAdder, SchedulePolicy
-from hybridpar.radix.serve_req import ServeReq
+from hybridpar.core import ServeReq
 from hybridpar.radix.server_args import ServerArgs
 from hybridpar.radix.workload import SharedPrefixWorkload, theoretical_hit_rate
 from tests import radix_serving_workers as workers
@@ -327,7 +327,8 @@ def test_scheduler_behaviour_under_each_configuration(runs, tp):
 
 def test_every_rank_ends_with_the_same_pool_state(runs):
     ranks = runs[2]
-    assert [r["kv_heads_per_rank"] for r in ranks] == [1, 1] and runs[1][0]["kv_heads_per_rank"] == 2  # own shard
+    full = runs[1][0]["kv_heads_per_rank"]  # TP 1 holds every KV head; each TP 2 rank holds its half
+    assert full >= 2 and [r["kv_heads_per_rank"] for r in ranks] == [full // 2] * 2
     for name in SCENARIOS:
         digest = ranks[0]["digests"][name]
         assert digest["num_filled"] > 0 and len(digest["free_rows"]) == 64, name  # every row returned

@@ -26,7 +26,9 @@ import torch
 
 from hybridpar.demos.radix_demo import DemoConfig, check_config
 from hybridpar.radix.mem_pool import kv_bytes_per_token
-from hybridpar.radix.scheduler import StepPlan, TPScheduler
+from hybridpar.core import StepPlan
+from hybridpar.radix.model_runner import ModelRunner
+from hybridpar.radix.scheduler import TPScheduler
 from hybridpar.radix.server_args import ServerArgs
 from hybridpar.radix.workload import SharedPrefixWorkload
 
@@ -58,20 +60,30 @@ class PlanRecord:
             (other.kind, other.rids, other.prefix_lens, other.extend_lens, other.out_cache_loc)
 
 
-class PlanRecordingScheduler(TPScheduler):
-    """A :class:`TPScheduler` that appends a :class:`PlanRecord` for every plan this rank executes."""
+class PlanRecordingRunner(ModelRunner):
+    """A :class:`ModelRunner` that appends a :class:`PlanRecord` for every plan this rank executes."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, base: ModelRunner) -> None:
+        super().__init__(base.model, base.backend, base.req_to_token_pool, base.kv_pool, base.device,
+                         base.max_running_requests, base.use_cuda_graph)
         self.plans: list[PlanRecord] = []
 
-    def _execute(self, plan: StepPlan) -> torch.Tensor | None:
-        logits = super()._execute(plan)
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        logits = super().execute(plan)
         loc = torch.tensor(plan.out_cache_loc, dtype=torch.int64, device=self.device)
         k = self.kv_pool.get_key_buffer(self.kv_pool.layer_num - 1)[loc]
         self.plans.append(PlanRecord(plan.kind, list(plan.rids), list(plan.prefix_lens), list(plan.extend_lens),
                                      list(plan.out_cache_loc), round(float(k.double().sum()), 4)))
         return logits
+
+
+class PlanRecordingScheduler(TPScheduler):
+    """A :class:`TPScheduler` whose runner records every plan this rank executes (``plans``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.runner = PlanRecordingRunner(self.runner)
+        self.plans = self.runner.plans
 
 
 @dataclass

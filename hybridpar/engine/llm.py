@@ -27,7 +27,7 @@ from hybridpar.engine.config import EngineConfig
 from hybridpar.engine.executor import make_executor
 from hybridpar.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from hybridpar.engine.worker import EngineWorker
-from hybridpar.models.sampling import SamplingParams
+from hybridpar.core import SamplingParams
 
 Prompt = str | Sequence[int]
 

@@ -32,8 +32,9 @@ from hybridpar.distributed.parallel_state import (
 )
 from hybridpar.distributed.rank_pool import report_progress
 from hybridpar.engine.config import EngineConfig
-from hybridpar.models.sampling import SamplingParams
-from hybridpar.radix.scheduler import RequestResult, TPScheduler
+from hybridpar.core import SamplingParams
+from hybridpar.core import RequestResult
+from hybridpar.radix.scheduler import TPScheduler
 
 EngineRequest = tuple[list[int], SamplingParams]  # prompt token ids, sampling parameters
 

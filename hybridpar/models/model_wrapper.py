@@ -39,7 +39,7 @@ from hybridpar.models.decoder import DecoderForCausalLM
 from hybridpar.models.default_checkpoint import resolve_model
 from hybridpar.models.generate import GenerationOutput, generate
 from hybridpar.models.loader import LOAD_FORMATS, LoadStats, load_checkpoint
-from hybridpar.models.sampling import SamplingParams
+from hybridpar.core import SamplingParams
 from hybridpar.radix.server_args import ServerArgs
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

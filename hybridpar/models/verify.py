@@ -113,7 +113,7 @@ def model_checks(path: str, prompts: list[list[int]], continuations: list[list[i
     """
     from hybridpar.models.generate import generate, teacher_forced_logits
     from hybridpar.models.model_wrapper import TPRadixAttentionModelWrapper
-    from hybridpar.models.sampling import SamplingParams
+    from hybridpar.core import SamplingParams
 
     wrapper = TPRadixAttentionModelWrapper(path, dtype=dtype, load_format=load_format)
     logits = teacher_forced_logits(wrapper.model, prompts, continuations)

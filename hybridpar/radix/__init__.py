@@ -23,7 +23,7 @@ from hybridpar.radix.mem_pool import (
     max_tokens_for_budget,
 )
 from hybridpar.radix.radix_cache import MatchResult, RadixCache, TreeNode
-from hybridpar.radix.request import Req
+from hybridpar.core import Req
 
 __all__ = [
     "IntegrityError",

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from hybridpar.radix.radix_cache import RadixCache
-from hybridpar.radix.request import Req
+from hybridpar.core import Req
 
 
 def start_req(cache: RadixCache, req: Req) -> bool:

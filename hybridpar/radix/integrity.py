@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hybridpar.radix.radix_cache import RadixCache, TreeNode
-    from hybridpar.radix.request import Req
+    from hybridpar.core import Req
 
 
 class IntegrityError(AssertionError):

@@ -31,7 +31,7 @@ import torch
 
 from hybridpar.radix.integrity import IntegrityError, check_integrity
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
-from hybridpar.radix.request import Req
+from hybridpar.core import Req
 
 @dataclass
 class MatchResult:

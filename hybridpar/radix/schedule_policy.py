@@ -45,7 +45,7 @@ import torch
 from hybridpar.radix.allocation import alloc_for_extend, start_req
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.radix_cache import RadixCache
-from hybridpar.radix.serve_req import ServeReq
+from hybridpar.core import ServeReq
 
 
 LPM_MAX_QUEUE = 128  # SGLang's threshold: above it LPM skips the per-request prefix matching (acts as FCFS)

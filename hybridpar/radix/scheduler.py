@@ -35,121 +35,23 @@ Memory pressure, in order: evict unlocked cache (inside allocation); make waitin
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from hybridpar.distributed.communication_op import broadcast_object
-from hybridpar.models.attention_backend import ForwardBatch
-from hybridpar.models.sampling import SamplingParams, sample
+from hybridpar.core import RequestResult, RequestTooLargeError, SamplingParams, SchedulerMetrics, ServeReq, StepPlan, StepRecord
+from hybridpar.models.sampling import sample
 from hybridpar.radix.allocation import alloc_for_decode
-from hybridpar.radix.mem_pool import (
-    MHATokenToKVPool,
-    ReqToTokenPool,
-    TokenToKVPoolAllocator,
-    kv_bytes_per_token,
-    max_tokens_for_budget,
-)
+from hybridpar.radix.mem_pool import MHATokenToKVPool, kv_bytes_per_token, max_tokens_for_budget
+from hybridpar.radix.model_runner import ModelRunner
 from hybridpar.radix.paged_backend import RadixAttentionBackend
-from hybridpar.radix.pool_sync import (
-    MemoryOp,
-    RecordingReqToTokenPool,
-    RecordingTokenToKVPoolAllocator,
-    pool_digest,
-    replay,
-)
+from hybridpar.radix.pool_sync import pool_digest
 from hybridpar.radix.radix_cache import RadixCache
 from hybridpar.radix.schedule_policy import AddResult, InBatchPrefixFilter, PrefillAdder, SchedulePolicy
-from hybridpar.radix.serve_req import ServeReq
 from hybridpar.radix.server_args import ServerArgs
-
-
-class RequestTooLargeError(ValueError):
-    """A request that can never be served: its prompt + max_new_tokens exceed the KV pool or the context."""
-
-
-@dataclass
-class StepPlan:
-    """One step as decided on rank 0; every rank executes it identically.
-
-    ``kind``: ``"prefill"``, ``"decode"`` or ``"done"`` (``payload`` = results and metrics). ``mem_ops``: pool changes to replay first. Batch
-    entry ``i`` uses row ``req_pool_indices[i]``, has ``prefix_lens[i]`` tokens of KV already and
-    brings ``extend_lens[i]`` new ones, whose ids are the ``i``-th segment of ``input_ids`` and whose
-    KV goes to the same segment of ``out_cache_loc``. ``sample_rows``: entries whose last new token
-    yields the next token (the others are non-final prefill chunks).
-    """
-
-    kind: str
-    mem_ops: list[MemoryOp] = field(default_factory=list)
-    rids: list[int] = field(default_factory=list)
-    req_pool_indices: list[int] = field(default_factory=list)
-    prefix_lens: list[int] = field(default_factory=list)
-    extend_lens: list[int] = field(default_factory=list)
-    input_ids: list[int] = field(default_factory=list)
-    out_cache_loc: list[int] = field(default_factory=list)
-    sample_rows: list[int] = field(default_factory=list)
-    payload: Any = None
-
-
-@dataclass
-class RequestResult:
-    """A finished request. ``text`` is decoded only for text prompts. Times are seconds on rank 0."""
-
-    rid: int
-    prompt_ids: list[int]
-    output_ids: list[int]
-    finish_reason: str  # "eos", "stop" (a stop string) or "length"
-    cached_tokens: int  # prompt tokens served from the radix cache at first admission
-    num_preemptions: int
-    ttft_s: float  # arrival -> first token
-    latency_s: float  # arrival -> last token
-    text: str | None = None
-
-
-@dataclass
-class SchedulerMetrics:
-    """Cumulative counters of one scheduler (rank 0's, copied to every rank by the ``done`` plan)."""
-
-    prompt_tokens: int = 0  # prompts of admitted requests, each counted once
-    cached_prompt_tokens: int = 0  # of which served from the cache at first admission
-    prefill_tokens_computed: int = 0  # tokens run through prefill (recomputation after preemption included)
-    decode_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_steps: int = 0
-    decode_steps: int = 0
-    preemptions: int = 0
-    evicted_tokens: int = 0
-    finished_requests: int = 0
-    wall_s: float = 0.0
-
-    @property
-    def cache_hit_rate(self) -> float:
-        """Cached prompt tokens / prompt tokens (SGLang's metric)."""
-        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.wall_s if self.wall_s else 0.0
-
-    @property
-    def total_tokens_per_s(self) -> float:
-        return (self.prompt_tokens + self.generated_tokens) / self.wall_s if self.wall_s else 0.0
-
-
-@dataclass
-class StepRecord:
-    """What one step did (rank 0's ``step_log``, for the book's explorer and for debugging)."""
-
-    kind: str
-    rids: list[int]
-    prefix_lens: list[int]
-    extend_lens: list[int]
-    free_tokens: int  # after the step's allocations
-    evictable_tokens: int
-    running: int
-    waiting: int
+from hybridpar.radix.step_sync import StepSync
 
 
 class _MeteredRadixCache(RadixCache):
@@ -184,20 +86,15 @@ class TPScheduler:
         self.eos_token_ids = set(config.eos_token_ids)
         ps = self.args.page_size
         size = self._pool_tokens()
-        self._ops: list[MemoryOp] = []
-        if self.is_leader and self.tp_group.world_size > 1:  # followers replay the leader's pool changes
-            self.req_to_token_pool: ReqToTokenPool = RecordingReqToTokenPool(
-                self.args.max_running_requests, self.max_context_len, self.device, self._ops)
-            self.allocator: TokenToKVPoolAllocator = RecordingTokenToKVPoolAllocator(size, ps, "cpu", self._ops)
-        else:  # the allocator (and so the tree's slot tensors) is host bookkeeping: no device syncs
-            self.req_to_token_pool = ReqToTokenPool(self.args.max_running_requests, self.max_context_len, self.device)
-            self.allocator = TokenToKVPoolAllocator(size, ps, "cpu")
+        self.sync = StepSync(self.tp_group, size, ps, self.args.max_running_requests, self.max_context_len, self.device)
+        self.req_to_token_pool, self.allocator = self.sync.req_to_token_pool, self.sync.allocator
         self.kv_pool = MHATokenToKVPool(size, ps, self.model.dtype, self.model.num_kv_heads_per_rank,
                                         config.head_dim, config.num_layers, self.device)
         self.backend = RadixAttentionBackend(self.req_to_token_pool, self.kv_pool, check_reads=self.args.debug_checks)
+        self.runner = ModelRunner(self.model, self.backend, self.req_to_token_pool, self.kv_pool, self.device,
+                                  self.args.max_running_requests, self.args.use_cuda_graph)
         self.metrics = SchedulerMetrics()
         self.on_request_finished: Callable[[RequestResult], None] | None = None  # rank 0 (progress bars)
-        self._graph_runner = None  # PagedDecodeRunner, built at the first decode step when use_cuda_graph
         self._next_rid = 0
         if self.is_leader:
             self.tree_cache = _MeteredRadixCache(self.req_to_token_pool, self.allocator, ps,
@@ -295,17 +192,15 @@ class TPScheduler:
 
     def _follow(self) -> dict[int, RequestResult]:
         while True:
-            plan: StepPlan = broadcast_object(None, src=0, group=self.tp_group)
-            replay(plan.mem_ops, self.req_to_token_pool, self.allocator)
+            plan = self.sync.receive()
             if plan.kind == "done":
                 results, self.metrics = plan.payload
                 return results
-            self._execute(plan)
+            self.runner.execute(plan)
 
     def _send(self, plan: StepPlan) -> None:
-        plan.mem_ops = list(self._ops)
-        self._ops.clear()
-        broadcast_object(plan, src=0, group=self.tp_group)
+        """The leader's plan goes out (TknpScheduler adds its workers' pool changes first)."""
+        self.sync.send(plan)
 
     def _lead(self) -> dict[int, RequestResult]:
         start = time.perf_counter()
@@ -326,7 +221,7 @@ class TPScheduler:
                     continue
                 raise RuntimeError(f"{type(self).__name__} stalled: requests wait and nothing can run")
             self._send(plan)
-            logits = self._execute(plan)
+            logits = self.runner.execute(plan)
             self._process_batch_result(plan, logits, results)
             if self.args.debug_checks:
                 self._check_integrity()
@@ -444,34 +339,7 @@ class TPScheduler:
             self.metrics.preemptions += 1
             self.new_token_ratio = self.args.init_new_token_ratio
 
-    # ---------------------------------------------------------------- execution
-    @torch.no_grad()
-    def _execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run the plan's forward on this rank; full-vocabulary logits of ``sample_rows`` (every rank)."""
-        loc = torch.tensor(plan.out_cache_loc, dtype=torch.int64, device=self.device)
-        if plan.kind == "decode" and self.args.use_cuda_graph:
-            return self._execute_graph_decode(plan, loc)
-        fb = ForwardBatch.build(self.backend, plan.req_pool_indices, plan.prefix_lens, plan.extend_lens, self.device,
-                                out_cache_loc=loc)
-        input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, fb.positions, fb)
-        if not plan.sample_rows:
-            return None
-        rows = fb.last_token_indices()[torch.tensor(plan.sample_rows, device=self.device)]
-        return self.model.compute_logits(hidden[rows])
-
-    def _execute_graph_decode(self, plan: StepPlan, loc: torch.Tensor) -> torch.Tensor:
-        """A decode step through the CUDA-graph runner (:mod:`hybridpar.models.cuda_graph`), built on first use."""
-        if self._graph_runner is None:
-            from hybridpar.models.cuda_graph import PagedDecodeRunner
-
-            self._graph_runner = PagedDecodeRunner(self.model, self.kv_pool, self.req_to_token_pool.req_to_token,
-                                                   self.args.max_running_requests, scaling=self.backend.scaling)
-        self.backend.filled[loc] = True
-        input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
-        seq_lens = [p + 1 for p in plan.prefix_lens]
-        return self._graph_runner.decode(plan.req_pool_indices, seq_lens, loc, input_ids)
-
+    # ------------------------------------------------------------- results (rank 0)
     def _process_batch_result(self, plan: StepPlan, logits: torch.Tensor | None,
                               results: dict[int, RequestResult]) -> None:
         sampled = [self._batch[i] for i in plan.sample_rows]

@@ -39,6 +39,7 @@ import torch
 
 from hybridpar.distributed.parallel_state import GroupCoordinator
 from hybridpar.radix.mem_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from hybridpar.radix.model_runner import ModelRunner
 from hybridpar.radix.paged_backend import RadixAttentionBackend
 from hybridpar.radix.pool_sync import (
     MemoryOp,
@@ -47,8 +48,9 @@ from hybridpar.radix.pool_sync import (
     pool_digest,
 )
 from hybridpar.radix.schedule_policy import SchedulePolicy
-from hybridpar.radix.scheduler import RequestResult, StepPlan, TPScheduler, _MeteredRadixCache
-from hybridpar.radix.serve_req import ServeReq
+from hybridpar.core import RequestResult, StepPlan
+from hybridpar.radix.scheduler import TPScheduler, _MeteredRadixCache
+from hybridpar.core import ServeReq
 from hybridpar.tknp.attention import AttentionGeometry, KVCapacity, TknpForwardBatch, TokenParallelAttention
 from hybridpar.tknp.placement import RequestPlacer
 
@@ -98,6 +100,27 @@ class _PoolSize:
         self.size = self.num_pages * page_size
 
 
+class TknpModelRunner(ModelRunner):
+    """Executes a TKNP pass on a root: each row attends on the TKNP rank it was placed on; a ``"sync"``
+    plan only forwards pool changes to the workers (every root, the TP followers' included)."""
+
+    def __init__(self, base: ModelRunner, attn: TokenParallelAttention) -> None:
+        super().__init__(base.model, base.backend, base.req_to_token_pool, base.kv_pool, base.device,
+                         base.max_running_requests)
+        self.attn = attn
+
+    @torch.no_grad()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        if plan.kind == "sync":
+            self.attn.sync(plan.rank_mem_ops)
+            return None
+        loc = torch.tensor(plan.out_cache_loc, dtype=torch.int64, device=self.device)
+        fb = TknpForwardBatch.build_placed(self.attn, plan.tknp_ranks, plan.req_pool_indices, plan.prefix_lens,
+                                           plan.extend_lens, self.device, out_cache_loc=loc)
+        fb.rank_mem_ops = plan.rank_mem_ops
+        return self.forward(plan, fb)
+
+
 class TknpScheduler(TPScheduler):
     """Continuous-batching RadixAttention over a TKNP group; see the module docstring.
 
@@ -118,6 +141,7 @@ class TknpScheduler(TPScheduler):
                                                       self.model.dtype)
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.attn = TokenParallelAttention(self.backend, tknp_group, self.geometry, param_bytes)
+        self.runner = TknpModelRunner(self.runner, self.attn)
         self.capacities = self.attn.capacities
         self.placement: dict[int, int] = {}
         self.placer = RequestPlacer(self.attn.num_ranks)
@@ -183,7 +207,7 @@ class TknpScheduler(TPScheduler):
     def _finish_run(self) -> None:
         sync = TknpStepPlan("sync")
         self._send(sync)  # the last frees reach the workers' mirrors (and the TP followers' workers)
-        self._execute(sync)
+        self.runner.execute(sync)
         self.metrics.evicted_tokens = sum(s.tree_cache.evicted_tokens for s in self.rank_states)
 
     def _send(self, plan: StepPlan) -> None:
@@ -208,23 +232,6 @@ class TknpScheduler(TPScheduler):
             merged.sample_rows.extend(offset + i for i in plan.sample_rows)
             merged.tknp_ranks.extend([rank] * len(plan.rids))
         return merged if merged.rids else None
-
-    # ------------------------------------------------------------------ execution (every root)
-    @torch.no_grad()
-    def _execute(self, plan: StepPlan) -> torch.Tensor | None:
-        if plan.kind == "sync":
-            self.attn.sync(plan.rank_mem_ops)
-            return None
-        loc = torch.tensor(plan.out_cache_loc, dtype=torch.int64, device=self.device)
-        fb = TknpForwardBatch.build_placed(self.attn, plan.tknp_ranks, plan.req_pool_indices, plan.prefix_lens,
-                                           plan.extend_lens, self.device, out_cache_loc=loc)
-        fb.rank_mem_ops = plan.rank_mem_ops
-        input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, fb.positions, fb)
-        if not plan.sample_rows:
-            return None
-        rows = fb.last_token_indices()[torch.tensor(plan.sample_rows, device=self.device)]
-        return self.model.compute_logits(hidden[rows])
 
     def _process_batch_result(self, plan: StepPlan, logits: torch.Tensor | None,
                               results: dict[int, RequestResult]) -> None:

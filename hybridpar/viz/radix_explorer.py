@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from hybridpar.radix.allocation import alloc_for_extend, start_req
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.radix_cache import RadixCache
-from hybridpar.radix.request import Req
+from hybridpar.core import Req
 from hybridpar.viz.colors import TEXT_COLOR
 
 if TYPE_CHECKING:
