@@ -92,13 +92,25 @@ def test_tknp2_demo_and_dp2_under_torchrun_give_the_same_text(capsys):
     root, worker = result["ranks"]
     assert root["param_bytes"] > 0 and worker["param_bytes"] == 0 and worker["parameter_objects"] == 0
     assert worker["worker_new_tokens"] > 0 and sorted(set(result["placement"])) == [0, 1]
+    # The "attended" column is filled for the root too: it attends for the requests placed on it.
+    table = lines[lines.index(next(line for line in lines if line.startswith("rank role"))) + 1:][:2]
+    attended = [int(row.split()[-1].replace(",", "")) for row in table]
+    assert [row.split()[1] for row in table] == ["root", "attention"] and min(attended) > 0
+    assert attended[1] == worker["worker_new_tokens"]
 
     proc = run_under_torchrun(2, "-m", "hybridpar.demos.tknp_demo",
                               "--data-parallel-size", "2", *flags, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.splitlines()
     dp = json.loads(out[-1])
-    assert out[0].startswith("TP 1 x TKNP 1 x DP 2") and dp["completions"] == result["completions"]
+    # The torchrun demo explains itself: what ran, what to look for, the table, text completions, a verdict.
+    assert out[0] == "== Token parallelism ==" and proc.stdout.count("== Token parallelism ==") == 1
+    assert "hybridpar/qwen2-tiny, a 2.9M-parameter Qwen2 trained on this book" in proc.stdout
+    assert "TP 1 x TKNP 1 x DP 2 on 2 ranks" in proc.stdout and dp["completions"] == result["completions"]
+    replies = [line for line in out if line.startswith("[replica ")]
+    assert len(replies) == 4 and all(" -> " in line and "'" not in line.split(" -> ")[1][:1] for line in replies)
+    verdict = " ".join(proc.stdout[proc.stdout.index("verdict:"):].split())
+    assert verdict.startswith("verdict: data parallelism: each of the 2 replicas holds all 11.1 MiB of weights")
     assert dp["placement"] == [0, 1, 0, 1]  # round-robin over the replicas
     assert [r["param_bytes"] for r in dp["ranks"]] == [root["param_bytes"]] * 2  # every replica holds all weights
 
@@ -108,7 +120,7 @@ def test_measured_memory_tp_dp_tknp_on_two_ranks():
     and the most KV; TKNP caches more distinct tokens than DP; every total is what memory.py predicts."""
     from hybridpar.tknp.cli import format_memory, measure_memory
 
-    tp, dp, tknp = measure_memory("qwen2-tiny", num_ranks=2, memory_budget_bytes=1_000_000, max_seq_len=64)
+    tp, dp, tknp = measure_memory("qwen2-tiny", num_ranks=2, memory_budget_bytes=16 << 20, max_seq_len=64)
     assert (tp.label, dp.label, tknp.label) == ("TP2", "DP2", "TKNP2")
     for layout in (tp, dp, tknp):
         assert layout.kv_tokens_total == layout.predicted().kv_tokens_total > 0

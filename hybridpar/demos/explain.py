@@ -72,3 +72,11 @@ def one_line(text: str, limit: int | None = None) -> str:
 def percent(x: float) -> str:
     """0.604 -> '60 %'."""
     return f"{100 * x:.0f} %"
+
+
+def binary_bytes(n: float) -> str:
+    """Bytes in binary units: 0 -> '0 B', 3072 -> '3.0 KiB', 11_560_120 -> '11.0 MiB'."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"

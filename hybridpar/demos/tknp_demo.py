@@ -4,7 +4,9 @@
         --tensor-parallel-size 1 --token-parallel-size 2 --enable-token-parallel --model-name qwen2-tiny
 
 Every process checks the flags against ``WORLD_SIZE`` first (invalid input: message, exit 2, no
-rank starts). Rank 0 prints the per-rank table (weights, KV cache) and the completions.
+rank starts). Rank 0 prints what ran and what to look for, the per-rank table (weights, KV cache,
+tokens attended), the completions as text and a one-line verdict (:func:`format_explained`, also
+usable on the result of ``hybridpar.tknp.cli.run_demo`` in a notebook).
 """
 from __future__ import annotations
 
@@ -18,15 +20,78 @@ import torch.distributed as dist
 from hybridpar.distributed.launcher import run_torchrun
 from hybridpar.tknp.cli import (
     DEFAULT_PROMPTS,
+    DemoResult,
+    attended_tokens,
     collect,
     demo_rank,
-    format_demo,
+    format_reports,
     load_tokenizer,
     make_requests,
     parse_args,
     split_for_replicas,
 )
 from hybridpar.tknp.runner import RankReport, TknpSetup
+
+
+def tknp_verdict(result: DemoResult) -> str:
+    """One sentence on what the per-rank table shows, checked against what the layout promises."""
+    from hybridpar.demos.explain import binary_bytes
+
+    s, reports = result.setup, result.reports
+    roots = [r for r in reports if r.role == "root"]
+    workers = [r for r in reports if r.role == "attention"]
+    idle = [r.rank for r in reports if attended_tokens(r) == 0]
+    attended = ", ".join(f"rank {r.rank} {attended_tokens(r)}" for r in reports)
+    if s.token_parallel_size > 1:
+        problems = [f"rank {r.rank} holds {r.param_bytes} bytes of weights" for r in workers if r.param_bytes]
+        problems += [f"rank {rank} attended no token" for rank in idle]
+        if problems:
+            return "UNEXPECTED: " + "; ".join(problems) + "."
+        ratio = min(w.capacity.num_tokens for w in workers) / max(1, max(r.capacity.num_tokens for r in roots))
+        who = "the attention rank holds" if len(workers) == 1 else f"the {len(workers)} attention ranks hold"
+        kv = (f"{ratio:.1f}x the KV capacity of a root" if s.memory_budget_bytes is not None else
+              "with no --memory-budget-mb the same fixed KV rows as a root (a budget gives them the memory a root "
+              "spends on weights)")
+        return (f"token parallelism at work: {who} no weights (0 B, 0 nn.Parameter objects) and {kv}; a root holds "
+                f"{binary_bytes(roots[0].param_bytes)} of weights; every rank attended new tokens ({attended}). "
+                f"`python -m hybridpar.tknp.verify` checks that the tokens equal TP alone and transformers'.")
+    if s.data_parallel_size > 1:
+        return (f"data parallelism: each of the {s.data_parallel_size} replicas holds all "
+                f"{binary_bytes(roots[0].param_bytes)} of weights and serves its own share of the prompts "
+                f"({attended} new tokens attended); token parallelism (--token-parallel-size) would keep one copy "
+                f"of the weights and give the other ranks' memory to the KV cache.")
+    return (f"TP {s.tensor_parallel_size} alone: each rank holds {binary_bytes(roots[0].param_bytes)} of weights "
+            f"and attends for every request ({attended} new tokens).")
+
+
+def format_explained(result: DemoResult) -> str:
+    """What ran and what to look for, the per-rank table, the completions as text, and the verdict."""
+    from hybridpar.demos.explain import intro, model_line, one_line, verdict
+
+    s = result.setup
+    layout = f"TP {s.tensor_parallel_size} x TKNP {s.token_parallel_size} x DP {s.data_parallel_size}"
+    ranks = s.tensor_parallel_size * s.token_parallel_size * s.data_parallel_size
+    ran = [model_line(s.model_name),
+           f"{layout} on {ranks} rank{'s' if ranks > 1 else ''}, {s.dtype}, greedy: {len(result.prompts)} prompts served together"]
+    if s.token_parallel_size > 1:
+        look = ["role 'root': the ranks of TKNP index 0 hold the weights, compute Q, K and V for the whole "
+                "batch and scatter them; role 'attention': ranks that hold only KV cache and attend for the "
+                "requests placed on them",
+                "weights (B) and nn.Params: 0 on the attention ranks; KV tokens: " +
+                ("more there than on a root, from the same memory budget" if s.memory_budget_bytes is not None else
+                 "a fixed number of rows everywhere (--memory-budget-mb sizes each rank's cache from what its "
+                 "weights leave)"),
+                "attended: the new tokens each rank ran attention for (roots attend for their own requests too)",
+                "[tknp rank k]: where each prompt's KV cache lived"]
+    else:
+        look = ["every rank holds weights (a replica, or a TP shard of them) and KV cache",
+                "attended: the new tokens each rank ran attention for",
+                "[replica k]: which replica served each prompt"]
+    where = "tknp rank" if s.token_parallel_size > 1 else "replica"
+    body = [f"[{where} {r}] {p} -> {one_line(c)}" for p, c, r in zip(result.prompts, result.completions,
+                                                                       result.placement)]
+    return "\n".join([intro("Token parallelism", ran, look), format_reports(result.reports), *body,
+                      verdict(tknp_verdict(result))])
 
 
 def _rank_main(setup: TknpSetup, per_replica: list) -> list[RankReport] | None:
@@ -46,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = run_torchrun(_rank_main, setup, split_for_replicas(requests, setup.data_parallel_size))
     if reports is not None:
         result = collect(setup, reports, prompts, tokenizer)
-        print(format_demo(result))
+        print(format_explained(result))
         if args.json:
             print(json.dumps(result.to_dict()))
     return 0

@@ -207,12 +207,20 @@ def run_demo(model_name: str | None = None, tensor_parallel_size: int = 1, token
     return collect(setup, reports, list(prompts), tokenizer)
 
 
+def attended_tokens(report: RankReport) -> int:
+    """New tokens a rank ran attention for (the table's "attended" column): a worker counts its own; a
+    root's history records the new tokens placed on every TKNP rank at each step, its own among them."""
+    if report.worker_stats is not None:
+        return int(report.worker_stats["new_tokens"])
+    return sum(step.new_tokens[report.tknp_rank] for steps in report.history.values() for step in steps)
+
+
 def format_reports(reports: Sequence[RankReport]) -> str:
     """One row per rank: role, weights, KV cache (rows x tokens), work done."""
     lines = [f"{'rank':>4} {'role':<9} {'tp':>2} {'tknp':>4} {'weights (B)':>12} {'nn.Params':>9} "
              f"{'KV rows':>7} {'KV tokens':>9} {'KV bytes':>10} {'attended':>8}"]
     for r in reports:
-        attended = "" if r.worker_stats is None else str(r.worker_stats["new_tokens"])
+        attended = f"{attended_tokens(r):,}"  # roots attend too, for the requests placed on them
         c = r.capacity
         lines.append(f"{r.rank:>4} {r.role:<9} {r.tp_rank:>2} {r.tknp_rank:>4} {r.param_bytes:>12,} "
                      f"{r.parameter_objects:>9} {c.num_slots:>7} {c.num_tokens:>9,} {c.kv_bytes:>10,} {attended:>8}")
