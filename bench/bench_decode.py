@@ -34,6 +34,7 @@ from hybridpar import launch
 from hybridpar.bench import bench_env, build_model, copy_bandwidth, format_table, median, time_fn, write_results
 from hybridpar.distributed.launcher import current_device
 from hybridpar.distributed.parallel_state import get_tp_group, initialize_tensor_parallel
+from hybridpar.radix.mem_pool import kv_bytes_per_token as pool_kv_bytes_per_token
 
 
 def param_bytes(model: torch.nn.Module) -> int:
@@ -42,8 +43,9 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 
 def kv_bytes_per_token(model) -> int:
+    """KV bytes per token on this rank (the pools' formula, :func:`hybridpar.radix.mem_pool.kv_bytes_per_token`)."""
     c = model.config
-    return 2 * c.num_layers * model.num_kv_heads_per_rank * c.head_dim * model.dtype.itemsize
+    return pool_kv_bytes_per_token(c.num_layers, model.num_kv_heads_per_rank, c.head_dim, model.dtype)
 
 
 def fill_random_(buffers: list[torch.Tensor]) -> None:

@@ -165,9 +165,18 @@ def weight_bytes(model: ModelShape, tp_size: int = 1, bytes_per_param: float = 2
     return num_params(model, tp_size) * bytes_per_param
 
 
+def kv_token_bytes(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_elem: float) -> float:
+    """The one formula for KV-cache bytes per token: ``2 (K and V) * layers * kv_heads * head_dim * bytes``.
+
+    The roofline, the paged pools (:func:`hybridpar.radix.mem_pool.kv_bytes_per_token`), TKNP's
+    memory plan and the benchmarks all size the cache with it.
+    """
+    return 2 * num_layers * num_kv_heads * head_dim * bytes_per_elem
+
+
 def kv_bytes_per_token(model: ModelShape, tp_size: int = 1, bytes_per_elem: float = 2) -> float:
-    """KV-cache bytes one token occupies on one TP rank: ``2 (K and V) * layers * kv_heads * head_dim * bytes``."""
-    return 2 * model.num_layers * kv_heads_per_rank(model, tp_size) * model.head_dim * bytes_per_elem
+    """KV-cache bytes one token occupies on one TP rank (:func:`kv_token_bytes` of the rank's KV heads)."""
+    return kv_token_bytes(model.num_layers, kv_heads_per_rank(model, tp_size), model.head_dim, bytes_per_elem)
 
 
 def allreduce_bytes_per_token(model: ModelShape, bytes_per_elem: float = 2) -> float:

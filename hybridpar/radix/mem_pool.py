@@ -26,8 +26,12 @@ rank's KV heads (``head_num`` = KV heads per rank), the index structures are ide
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from hybridpar.roofline import kv_token_bytes
 
 
 def num_usable_pages(size: int, page_size: int) -> int:
@@ -43,9 +47,8 @@ def num_usable_pages(size: int, page_size: int) -> int:
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes one token occupies in the KV cache of one rank: K and V, every layer."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * num_kv_heads * head_dim * itemsize
+    """Bytes one token occupies in the KV cache of one rank: K and V, every layer (in ``dtype``)."""
+    return int(kv_token_bytes(num_layers, num_kv_heads, head_dim, torch.empty((), dtype=dtype).element_size()))
 
 
 def max_tokens_for_budget(
@@ -64,6 +67,35 @@ def max_tokens_for_budget(
     """
     slots = budget_bytes // kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
     return max(slots // page_size - 1, 0) * page_size
+
+
+def pool_tokens(args: Any, config: Any, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
+                group: Any) -> int:
+    """KV-pool size in tokens of one TP group's ranks, from :class:`~hybridpar.config.ServerArgs` ``args``.
+
+    ``args.max_total_tokens`` if set (whole pages); else what the memory holds: on a GPU the free
+    memory minus ``(1 - mem_fraction_static)`` of the device, on the CPU ``cpu_kv_cache_bytes``; the
+    ranks of ``group`` agree on the minimum (a collective). ``num_kv_heads``: per rank.
+    """
+    if args.max_total_tokens is not None:
+        tokens = args.max_total_tokens // args.page_size * args.page_size
+    else:
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            budget = int(free - (1.0 - args.mem_fraction_static) * total)
+        else:
+            budget = args.cpu_kv_cache_bytes
+        tokens = max_tokens_for_budget(max(budget, 0), config.num_layers, num_kv_heads, config.head_dim, dtype,
+                                       args.page_size)
+        if group.world_size > 1:
+            t = torch.tensor([tokens], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group.cpu_group)
+            tokens = int(t)
+    if tokens < args.page_size:
+        per_token = kv_bytes_per_token(config.num_layers, num_kv_heads, config.head_dim, dtype)
+        raise ValueError(f"no room for a KV cache ({per_token} bytes per token per rank): pass max_total_tokens=, "
+                         f"raise mem_fraction_static / cpu_kv_cache_bytes, or use more TP ranks")
+    return tokens
 
 
 class ReqToTokenPool:

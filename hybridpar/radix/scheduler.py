@@ -39,12 +39,11 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from hybridpar.core import RequestResult, RequestTooLargeError, SamplingParams, SchedulerMetrics, ServeReq, StepPlan, StepRecord
 from hybridpar.models.sampling import sample
 from hybridpar.radix.allocation import alloc_for_decode
-from hybridpar.radix.mem_pool import MHATokenToKVPool, kv_bytes_per_token, max_tokens_for_budget
+from hybridpar.radix.mem_pool import MHATokenToKVPool, pool_tokens
 from hybridpar.radix.model_runner import ModelRunner
 from hybridpar.radix.paged_backend import RadixAttentionBackend
 from hybridpar.radix.pool_sync import pool_digest
@@ -85,7 +84,8 @@ class TPScheduler:
         self.max_context_len = self.args.max_context_len or config.max_position_embeddings
         self.eos_token_ids = set(config.eos_token_ids)
         ps = self.args.page_size
-        size = self._pool_tokens()
+        size = pool_tokens(self.args, config, self.model.num_kv_heads_per_rank, self.model.dtype, self.device,
+                           self.tp_group)
         self.sync = StepSync(self.tp_group, size, ps, self.args.max_running_requests, self.max_context_len, self.device)
         self.req_to_token_pool, self.allocator = self.sync.req_to_token_pool, self.sync.allocator
         self.kv_pool = MHATokenToKVPool(size, ps, self.model.dtype, self.model.num_kv_heads_per_rank,
@@ -108,31 +108,6 @@ class TPScheduler:
             self.step_log: list[StepRecord] = []
             self._batch: list[ServeReq] = []  # the requests of the step being executed
             self._arrivals = 0
-
-    # ------------------------------------------------------------------ set-up
-    def _pool_tokens(self) -> int:
-        """KV-pool size in tokens: explicit, or from memory; the minimum over the TP ranks."""
-        a, cfg = self.args, self.model.config
-        if a.max_total_tokens is not None:
-            tokens = a.max_total_tokens // a.page_size * a.page_size
-        else:
-            if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                budget = int(free - (1.0 - a.mem_fraction_static) * total)
-            else:
-                budget = a.cpu_kv_cache_bytes
-            tokens = max_tokens_for_budget(max(budget, 0), cfg.num_layers, self.model.num_kv_heads_per_rank,
-                                           cfg.head_dim, self.model.dtype, a.page_size)
-            if self.tp_group.world_size > 1:
-                t = torch.tensor([tokens], dtype=torch.int64)
-                dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp_group.cpu_group)
-                tokens = int(t)
-        if tokens < a.page_size:
-            per_token = kv_bytes_per_token(cfg.num_layers, self.model.num_kv_heads_per_rank, cfg.head_dim,
-                                           self.model.dtype)
-            raise ValueError(f"no room for a KV cache ({per_token} bytes per token per rank): pass max_total_tokens=, "
-                             f"raise mem_fraction_static / cpu_kv_cache_bytes, or use more TP ranks")
-        return tokens
 
     # ----------------------------------------------------------------- requests
     def add_request(self, prompt: str | list[int], max_new_tokens: int | None = None,
