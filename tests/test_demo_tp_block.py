@@ -5,7 +5,7 @@ import pytest
 import torch.distributed as dist
 
 from hybridpar.config import ParallelConfigError
-from hybridpar.demos.tp_block import check_tp_size, count_collectives, format_table, run_block_demo
+from hybridpar.demos.tp_block import check_tp_size, count_collectives, format_report, format_table, run_block_demo
 
 
 def test_one_all_reduce_per_block_forward_and_backward():
@@ -19,6 +19,12 @@ def test_one_all_reduce_per_block_forward_and_backward():
     naive = by_block["MLP, gathered in between"]
     assert naive["forward"] == {"all_gather": 1, "all_reduce": 1} == naive["backward"]
     assert "WRONG" not in format_table(rows)
+    report = " ".join(format_report(rows, 2, "gloo (CPU)").split())
+    assert report.startswith("== Tensor-parallel blocks == ran:") and "8 query / 4 KV heads" in report
+    assert "verdict: every block matches its unsharded reference" in report
+    assert "each cost exactly one all-reduce forward and one backward" in report
+    broken = [dict(r, backward={"all_reduce": 2}) if r["block"].startswith("attention") else r for r in rows]
+    assert "UNEXPECTED collective counts" in format_report(broken, 2, "gloo (CPU)")
 
 
 def test_count_collectives_restores_torch_distributed():

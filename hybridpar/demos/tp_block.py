@@ -4,7 +4,8 @@ Each rank builds the same unsharded reference modules from one seed, loads its s
 tensor-parallel layers, runs each block forward and backward while counting the
 ``torch.distributed`` collectives it calls, and compares output and input gradient with the
 reference. A third block gathers the MLP's hidden activations between the two matmuls, the naive
-way, to show what the column -> row pairing saves. The parent prints one table, sorted by rank.
+way, to show what the column -> row pairing saves. The parent prints what ran and what to look for,
+one table sorted by rank, and a one-line verdict.
 
     python -m hybridpar.demos.tp_block --tp 2
 """
@@ -33,7 +34,7 @@ from hybridpar.layers.linear import (
 )
 from hybridpar.roofline import MODEL_PRESETS
 
-MODEL = MODEL_PRESETS["tiny"]  # hidden 64, intermediate 128, 4 query heads sharing 2 KV heads
+MODEL = MODEL_PRESETS["tiny"]  # qwen2-tiny's shape: hidden 256, intermediate 512, 8 query heads sharing 4 KV heads
 TOKENS = 6
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
                "scatter", "gather")
@@ -182,6 +183,38 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def block_verdict(rows: list[dict[str, Any]]) -> str:
+    """One sentence: do the blocks match their references, and what did each cost in collectives."""
+    wrong = sorted({r["block"] for r in rows if not (r["output ok"] and r["input grad ok"])})
+    if wrong:
+        return f"MISMATCH: {', '.join(wrong)} differ from the unsharded reference."
+    first = {r["block"]: r for r in rows if r["rank"] == rows[0]["rank"]}
+    paired = [first[b] for b in ("MLP (column -> row)", "attention (QKV -> o_proj)") if b in first]
+    one_each = all(r["forward"] == {"all_reduce": 1} == r["backward"] for r in paired)
+    naive = first.get("MLP, gathered in between")
+    extra = "" if naive is None else (f"; gathering the MLP's hidden activations in between costs "
+                                      f"{_counts(naive['forward'])} forward and {_counts(naive['backward'])} "
+                                      f"backward for the same result")
+    return ("every block matches its unsharded reference (output and input gradient) on every rank; "
+            + ("the MLP and the attention block each cost exactly one all-reduce forward and one backward"
+               if one_each else "UNEXPECTED collective counts for the paired blocks (see the table)") + extra + ".")
+
+
+def format_report(rows: list[dict[str, Any]], tp_size: int, backend: str) -> str:
+    """What ran, what to look for, the table (:func:`format_table`) and a one-line verdict."""
+    from hybridpar.demos.explain import intro, verdict
+
+    ran = [f"an MLP block and an attention block of qwen2-tiny's shape (hidden {MODEL.hidden_size}, intermediate "
+           f"{MODEL.intermediate_size}, {MODEL.num_heads} query / {MODEL.num_kv_heads} KV heads) on {tp_size} ranks, "
+           f"{backend}, forward and backward over {TOKENS} tokens",
+           "random weights from one seed (no checkpoint); the reference is the same block unsharded; a third "
+           "block gathers the MLP's activations between its two matmuls, the naive way"]
+    look = ["forward / backward: the torch.distributed collectives each rank called (the f and g operators of "
+            "chapter 3 put one all-reduce in each direction)",
+            "output / input grad: ok when the rank's result equals the unsharded block's"]
+    return "\n".join([intro("Tensor-parallel blocks", ran, look), format_table(rows), verdict(block_verdict(rows))])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2, help="number of tensor-parallel ranks (default 2)")
@@ -191,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_block_demo(args.tp, args.backend)
     except ValueError as exc:  # a TP size the tiny model cannot use, found before spawning
         parser.error(str(exc))
-    print(format_table(rows))
+    from hybridpar.distributed.launcher import resolve_backend
+
+    backend = "gloo (CPU)" if resolve_backend(args.backend, args.tp) == "gloo" else "NCCL (GPU)"
+    print(format_report(rows, args.tp, backend))
     return 0 if all(r["output ok"] and r["input grad ok"] for r in rows) else 1
 
 

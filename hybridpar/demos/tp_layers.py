@@ -3,7 +3,8 @@
 Each rank builds the same unsharded torch modules from one seed, loads its shard of their
 weights through the layers' ``weight_loader``, runs both on the same input and reports the
 largest absolute difference between what the rank computed and the part of the reference
-output it is responsible for. The parent prints one table, sorted by rank.
+output it is responsible for. The parent prints what ran and what to look for, one table sorted by
+rank, and a one-line verdict.
 
     python -m hybridpar.demos.tp_layers --tp 2 --backend auto
 """
@@ -129,6 +130,29 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_report(rows: list[dict[str, Any]], tp_size: int, backend: str) -> str:
+    """What ran, what to look for, the table (:func:`format_table`) and a one-line verdict."""
+    from hybridpar.demos.explain import intro, verdict
+
+    ran = [f"the tensor-parallel layers of chapter 3 (column-, row-parallel, merged gate/up, QKV with {HEADS} query "
+           f"/ {KV_HEADS} KV heads, vocabulary-parallel embedding of {VOCAB} rows, tied LM head) on {tp_size} ranks, "
+           f"{backend}",
+           "no model: random weights and inputs from one seed; the reference is the unsharded torch layer "
+           "(nn.Linear, nn.Embedding) with the same weights"]
+    look = ["local weight: the shard each rank holds, 1/tp of the output rows (column-parallel), of the input "
+            "columns (row-parallel) or of the vocabulary",
+            "max abs diff: the rank's output against its part of the reference; float rounding only"]
+    layers = len({r["layer"] for r in rows})
+    worst = max(r["max abs diff"] for r in rows)
+    if all(r["ok"] for r in rows):
+        end = (f"all {layers} layers match the unsharded reference on every rank (largest difference {worst:.1e}, "
+               f"tolerance {TOLERANCE:g} of the largest value): each rank computes exactly its share.")
+    else:
+        bad = sorted({r["layer"] for r in rows if not r["ok"]})
+        end = f"MISMATCH: {', '.join(bad)} differ from the unsharded reference."
+    return "\n".join([intro("Tensor-parallel layers", ran, look), format_table(rows), verdict(end)])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2, help="number of tensor-parallel ranks (default 2)")
@@ -138,12 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_demo(args.tp, args.backend)
     except ValueError as exc:  # bad --tp / --backend combination, found before spawning
         parser.error(str(exc))
-    print(format_table(rows))
-    if all(r["ok"] for r in rows):
-        print("all layers match the unsharded reference")
-        return 0
-    print("MISMATCH: some layers differ from the unsharded reference")
-    return 1
+    from hybridpar.distributed.launcher import resolve_backend
+
+    backend = "gloo (CPU)" if resolve_backend(args.backend, args.tp) == "gloo" else "NCCL (GPU)"
+    print(format_report(rows, args.tp, backend))
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":
