@@ -10,7 +10,8 @@
     hybridpar demo tp_layers --tp 2        # any module of hybridpar.demos
 
 Errors. A configuration error is one line on stderr, ``hybridpar: error: <what to change>``, with
-exit status 2, printed once (under torchrun by rank 0 only); ``--debug`` shows the traceback.
+exit status 2, printed once: under torchrun by rank 0, while the other ranks exit quietly (were
+they to fail first, torchrun would kill rank 0 before it could print). ``--debug`` shows the traceback.
 Real faults (a rank that crashes) keep their traceback.
 """
 from __future__ import annotations
@@ -103,8 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CONFIG_ERRORS as exc:
         if args.debug:
             traceback.print_exc()
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"hybridpar: error: {exc}".splitlines()[0], file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # every rank found the same error; rank 0 reports it (torchrun kills the rest at the first failure)
+        print(f"hybridpar: error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
 
 
