@@ -12,6 +12,7 @@ from hybridpar.demos.radix_tp_trace import (
     plans_agree,
     run_tp_serving,
     slot_ranges,
+    trace_verdict,
 )
 from hybridpar.radix.workload import SharedPrefixWorkload
 
@@ -27,7 +28,7 @@ def reports():
 
 def test_ranks_run_the_same_plans_but_store_their_own_kv_heads(reports):
     assert [r.rank for r in reports] == [0, 1]
-    assert [(r.kv_heads, r.total_kv_heads) for r in reports] == [(1, 2), (1, 2)]
+    assert [(r.kv_heads, r.total_kv_heads) for r in reports] == [(2, 4), (2, 4)]  # qwen2-tiny: 4 KV heads
     for name in CONFIGS:
         assert plans_agree(reports, name), name
         assert reports[0].runs[name].digest == reports[1].runs[name].digest, name
@@ -50,6 +51,9 @@ def test_hit_rates_and_saved_prefill(reports):
     table = format_serving(reports, WORKLOAD)
     assert "same generated tokens in every run: True" in table and "0.400" in table
     assert "tok/s" in format_serving(reports, WORKLOAD, timings=True)
+    verdict = trace_verdict(reports, WORKLOAD)
+    assert verdict.startswith("all 2 ranks ran the same step plans and hold identical pools")
+    assert "'LPM' reused 40 % of prompt tokens (best possible 40 %) and computed 64 fewer prefill tokens" in verdict
 
 
 def test_bad_configuration_is_rejected_before_spawning():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from hybridpar.demos.tp_anatomy import format_collectives, format_loads, index_ranges, run_anatomy
+from hybridpar.demos.tp_anatomy import anatomy_verdict, format_collectives, format_loads, index_ranges, run_anatomy
 from hybridpar.layers.linear import qkv_partition
 from hybridpar.layers.vocab_parallel_embedding import vocab_shard
 from hybridpar.viz.model_shards import checkpoint_ownership
@@ -66,6 +66,9 @@ def test_two_all_reduces_per_layer(results: list) -> None:
     tokens = results[0].num_tokens
     assert calls[0].shape == (tokens, 64) and calls[-1].shape == (1, 512 // TP)  # padded vocabulary slice
     assert "every rank called" in format_collectives(results)
+    verdict = anatomy_verdict(results)
+    assert "one prefill called 5 all-reduces (2 per layer, 1 for the embedding) and 1 all-gather" in verdict
+    assert verdict.endswith("on every rank, in the same order.") and "full loading 100 %" in verdict
 
 
 @pytest.mark.gpu

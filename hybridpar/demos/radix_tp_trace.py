@@ -45,7 +45,8 @@ BASELINE = "no cache"
 class PlanRecord:
     """One step plan as a rank executed it. ``k_checksum``: sum of this rank's last-layer keys at
     ``out_cache_loc`` after the forward (its own KV heads: differs between ranks; the last layer, since
-    the built-in checkpoints wire the same copy circuit into both KV heads of layer 0)."""
+    the copy-circuit checkpoints, ``qwen2-tiny-copy`` and ``llama-tiny``, wire the same circuit into every
+    KV head of layer 0)."""
 
     kind: str
     rids: list[int]
@@ -267,6 +268,27 @@ def format_serving(reports: list[RankReport], workload: SharedPrefixWorkload, pa
     return "\n".join(lines)
 
 
+def trace_verdict(reports: list[RankReport], workload: SharedPrefixWorkload, page_size: int = 16) -> str:
+    """One sentence: do the ranks agree on every plan and pool, and what did the radix cache save."""
+    runs = reports[0].runs
+    agree = all(plans_agree(reports, name) for name in runs)
+    pools = all(r.runs[name].digest == run.digest for name, run in runs.items() for r in reports)
+    same_tokens = all(run.outputs == next(iter(runs.values())).outputs for run in runs.values())
+    if not (agree and pools and same_tokens):
+        what = [w for w, ok in (("step plans", agree), ("pool contents", pools), ("generated tokens", same_tokens))
+                if not ok]
+        return f"MISMATCH: the {' and '.join(what)} differ between ranks or runs."
+    text = (f"all {len(reports)} ranks ran the same step plans and hold identical pools (only the KV heads differ, "
+            f"as the checksums show), and every configuration generated the same tokens")
+    if BASELINE in runs and len(runs) > 1:
+        base = runs[BASELINE].metrics["prefill_tokens_computed"]
+        best = max((r for n, r in runs.items() if n != BASELINE), key=lambda r: r.metrics["cache_hit_rate"])
+        text += (f"; {best.name!r} reused {100 * best.metrics['cache_hit_rate']:.0f} % of prompt tokens (best possible "
+                 f"{100 * workload.theoretical_hit_rate(page_size):.0f} %) and computed "
+                 f"{base - best.metrics['prefill_tokens_computed']:,} fewer prefill tokens than no cache")
+    return text + "."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2)
@@ -278,13 +300,24 @@ def main(argv: list[str] | None = None) -> int:
         check_serving(args.tp, tiny, {"radix, LPM": {}}, 16, 8192, args.model_name)
     except ValueError as exc:
         parser.error(str(exc))
+    from hybridpar.demos.explain import intro, model_line, verdict
+
+    workload = SharedPrefixWorkload(4, 4, 256, 16, 4)
+    print(intro("RadixAttention under TP, rank by rank", [
+        model_line(args.model_name),
+        f"TP {args.tp}: first {tiny.num_requests} requests with the radix cache (LPM), every step plan printed; then "
+        f"{workload.num_requests} requests in {workload.num_groups} groups ({workload.system_len}-token shared "
+        f"system prompts, random token ids) under each of {'; '.join(repr(n) for n in DEFAULT_CONFIGS)}"], [
+        "the plans: rank 0 schedules, every rank executes the same plan (requests, cached+new tokens, KV slots); "
+        "the K columns differ because each rank writes its own KV heads",
+        "the pools: the same free pages, rows and written slots on every rank",
+        "the serving table: hit rate against the best possible, and the prefill tokens the cache saved"]))
     reports = run_tp_serving(args.tp, tiny, {"radix, LPM": {}}, model_name=args.model_name, backend=args.backend,
                              warm_up=False)
     print(format_plans(reports, "radix, LPM"), "", format_ranks(reports), sep="\n")
-    workload = SharedPrefixWorkload(4, 4, 256, 16, 4)
     reports = run_tp_serving(args.tp, workload, model_name=args.model_name, backend=args.backend)
     print("", format_ranks(reports), "", format_serving(reports, workload),
-          format_serving(reports, workload, timings=True), sep="\n")
+          format_serving(reports, workload, timings=True), verdict(trace_verdict(reports, workload)), sep="\n")
     return 0
 
 

@@ -214,6 +214,20 @@ def format_collectives(results: list[RankAnatomy]) -> str:
     return "\n".join(lines)
 
 
+def anatomy_verdict(results: list[RankAnatomy]) -> str:
+    """One sentence: what sharded loading saved, and the collectives one prefill needed."""
+    results = sorted(results, key=lambda r: r.rank)
+    shares = [r.loads[0].bytes_read / r.loads[0].checkpoint_bytes for r in results]
+    calls = results[0].collectives
+    reduces = sum(c.collective == "all_reduce" for c in calls)
+    gathers = sum(c.collective.startswith("all_gather") for c in calls)
+    same = all(r.collectives == calls for r in results)
+    return (f"sharded loading read {100 * min(shares):.0f}-{100 * max(shares):.0f} % of the checkpoint per rank, "
+            f"full loading 100 %; one prefill called {reduces} all-reduces (2 per layer, 1 for the embedding) and "
+            f"{gathers} all-gather (the logits) " + ("on every rank, in the same order." if same else
+                                                     "-- but NOT the same on every rank."))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="What each TP rank reads, what loading costs, where the collectives are.")
     parser.add_argument("--tp", type=int, default=2)
@@ -221,10 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl", "auto"])
     args = parser.parse_args(argv)
+    from hybridpar.demos.explain import intro, model_line, verdict
+
+    print(intro("A tensor-parallel model, taken apart", [
+        model_line(args.model_name),
+        f"TP {args.tp} on {args.backend}: each rank loads the checkpoint sharded and in full, records which "
+        f"rows and columns of each tensor it read, then runs one prefill of {args.prompt!r} while tracing every "
+        f"collective"], [
+        "read KiB: a rank reads only its shard when loading sharded, the whole file when loading in full",
+        "the collectives: one all-reduce after the embedding and after each row-parallel layer (o_proj, "
+        "down_proj), one all-gather for the vocabulary-parallel logits"]))
     results = run_anatomy(args.model_name, args.tp, args.prompt, args.backend)
     print(format_loads(results))
     print()
     print(format_collectives(results))
+    print(verdict(anatomy_verdict(results)))
     return 0
 
 
