@@ -16,6 +16,7 @@ from hybridpar.radix import (
     alloc_for_extend,
     start_req,
 )
+from hybridpar.radix.tree_view import pretty_print, tree_to_dict
 
 
 def make_cache(page_size: int = 1, num_pages: int = 32, rows: int = 4, ctx: int = 64, disable: bool = False) -> RadixCache:
@@ -244,7 +245,7 @@ def test_to_dict_and_pretty_print(capsys):
     put(cache, [5])
     locked = cache.match_prefix([5]).last_node
     cache.inc_lock_ref(locked)
-    d = cache.to_dict()
+    d = tree_to_dict(cache)
     assert (d["page_size"], d["evictable_size"], d["protected_size"]) == (1, 4, 1)
     root = d["root"]
     assert root["num_tokens"] == 0 and [c["tokens"] for c in root["children"]] == [[1, 2], [5]]
@@ -253,7 +254,7 @@ def test_to_dict_and_pretty_print(capsys):
     leaves = {tuple(c["tokens"]): c for c in shared["children"]}
     assert leaves[(3,)]["evict_rank"] == 0 and leaves[(4,)]["evict_rank"] == 1  # (3) is older
     assert leaves[(3,)]["last_access_time"] < leaves[(4,)]["last_access_time"]
-    text = cache.pretty_print()
+    text = pretty_print(cache)
     assert capsys.readouterr().out.strip() == text
     assert f"#{five['id']} [5] n=1 lock=1" in text and "evictable=4 protected=1" in text
 

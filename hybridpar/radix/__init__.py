@@ -22,10 +22,12 @@ from hybridpar.radix.mem_pool import (
     kv_bytes_per_token,
     max_tokens_for_budget,
 )
-from hybridpar.radix.radix_cache import MatchResult, RadixCache, TreeNode
+from hybridpar.radix.prefix_cache import BasePrefixCache, MatchResult
+from hybridpar.radix.radix_cache import RadixCache, TreeNode
 from hybridpar.core import Req
 
 __all__ = [
+    "BasePrefixCache",
     "IntegrityError",
     "MHATokenToKVPool",
     "MatchResult",

@@ -24,31 +24,14 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hybridpar.radix.integrity import IntegrityError, check_integrity
-from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.core import Req
-
-@dataclass
-class MatchResult:
-    """Result of :meth:`RadixCache.match_prefix`.
-
-    ``device_indices`` are the int64 slots of the matched prefix (length is a multiple of
-    ``page_size``, possibly 0); ``last_node`` is the node where the match ends (the root
-    for an empty match): lock it to keep the prefix from being evicted.
-    """
-
-    device_indices: torch.Tensor
-    last_node: TreeNode
-
-    @property
-    def prefix_len(self) -> int:
-        return len(self.device_indices)
-
+from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
+from hybridpar.radix.prefix_cache import BasePrefixCache, MatchResult
 
 class TreeNode:
     """One edge of the radix tree: ``key`` tokens whose KV lives in slots ``value``."""
@@ -78,7 +61,7 @@ def _as_tokens(key: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
     return tuple(key.tolist()) if isinstance(key, torch.Tensor) else tuple(map(int, key))
 
 
-class RadixCache:
+class RadixCache(BasePrefixCache):
     """Prefix cache over a :class:`ReqToTokenPool` and a :class:`TokenToKVPoolAllocator`.
 
     ``page_size`` defaults to the allocator's and must equal it. With ``disable=True``
@@ -114,6 +97,11 @@ class RadixCache:
         self.root_node.lock_ref = 1  # the root is always protected and holds no tokens
         self._evictable_size = 0
         self._protected_size = 0
+
+    @property
+    def clock(self) -> int:
+        """The logical LRU clock: the stamp of the newest match or insert."""
+        return self._clock
 
     def evictable_size(self) -> int:
         return self._evictable_size
@@ -395,54 +383,6 @@ class RadixCache:
                 self.dec_lock_ref(req.last_node)
             req.last_node, req.cache_protected_len = match.last_node, aligned
         req.prefix_indices = self._row(req)
-
-    # ---------------------------------------------------------------- display
-    def to_dict(self) -> dict[str, Any]:
-        """The tree as plain data (for the book's radix-tree explorer).
-
-        Each node: ``id``, ``num_tokens``, ``tokens``, ``lock_ref``, ``last_access_time``,
-        ``evict_rank`` (0 = the next leaf :meth:`evict` would free, ``None`` if not
-        evictable now) and ``children`` (sorted by first token).
-        """
-        leaves = sorted(n for n in self.nodes() if not n.children and n.lock_ref == 0)
-        rank = {n.id: i for i, n in enumerate(leaves)}
-
-        def node_dict(node: TreeNode) -> dict[str, Any]:
-            return {
-                "id": node.id,
-                "num_tokens": len(node.key),
-                "tokens": list(node.key),
-                "lock_ref": node.lock_ref,
-                "last_access_time": node.last_access_time,
-                "evict_rank": rank.get(node.id),
-                "children": [node_dict(c) for c in sorted(node.children.values(), key=lambda c: c.key)],
-            }
-
-        return {
-            "page_size": self.page_size,
-            "disabled": self.disable,
-            "clock": self._clock,
-            "evictable_size": self._evictable_size,
-            "protected_size": self._protected_size,
-            "root": node_dict(self.root_node),
-        }
-
-    def pretty_print(self, max_tokens: int = 8) -> str:
-        """Print (and return) an indented outline of the tree."""
-        lines: list[str] = []
-
-        def visit(d: dict[str, Any], depth: int) -> None:
-            toks = " ".join(map(str, d["tokens"][:max_tokens])) + (" ..." if d["num_tokens"] > max_tokens else "")
-            lines.append(f"{'  ' * depth}#{d['id']} [{toks}] n={d['num_tokens']} lock={d['lock_ref']} t={d['last_access_time']}")
-            for c in d["children"]:
-                visit(c, depth + 1)
-
-        tree = self.to_dict()
-        visit(tree["root"], 0)
-        lines.append(f"evictable={tree['evictable_size']} protected={tree['protected_size']}")
-        text = "\n".join(lines)
-        print(text)
-        return text
 
     def check_integrity(self, reqs: Sequence[Req] | None = None, locked_nodes: Sequence[TreeNode] = ()) -> None:
         """Raise :class:`IntegrityError` unless tree, counters, pools and requests agree.

@@ -7,7 +7,7 @@ Three layers, checked against each other in ``tests/test_radix_explorer.py``:
   operation goes through the same calls the scheduler makes (:func:`~hybridpar.radix.start_req`,
   :func:`~hybridpar.radix.alloc_for_extend`, ``cache_unfinished_req``, ``cache_finished_req``,
   ``match_prefix``, ``evict``). :meth:`RadixSandbox.snapshot` reads the state back from the cache
-  and the pools (``RadixCache.to_dict()``, the allocator's free list, the request rows).
+  and the pools (``tree_to_dict(cache)``, the allocator's free list, the request rows).
 * :func:`trace` applies a script of :class:`CacheOp` to a fresh sandbox and returns one
   :class:`ExplorerFrame` per step (frame 0 is the empty cache).
 * :func:`frame_html` draws a frame: the tree as SVG (each node with its text, token count, lock
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from hybridpar.radix.allocation import alloc_for_extend, start_req
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.radix_cache import RadixCache
+from hybridpar.radix.tree_view import tree_to_dict
 from hybridpar.core import Req
 from hybridpar.viz.colors import TEXT_COLOR
 
@@ -114,7 +115,7 @@ class PageState:
 class ExplorerFrame:
     """The cache after one step of a script.
 
-    ``tree``: ``RadixCache.to_dict()``; ``pages``: every allocatable page in order; token counters
+    ``tree``: ``tree_to_dict(cache)``; ``pages``: every allocatable page in order; token counters
     as the cache and the allocator report them; ``lru_order``: unlocked leaves, next to be evicted
     first; ``highlight``: node id -> ``"matched"`` / ``"new"`` / ``"split"`` for this step;
     ``evicted``: ids of the nodes this step freed; ``running``: request name -> id of its locked node.
@@ -312,7 +313,7 @@ def snapshot_cache(cache: RadixCache, running: dict[str, Req] | None = None, ste
             if pos % ps == 0:
                 owner[slot // ps] = PageState(slot // ps, "request", request=str(name))
     pages = [owner.get(p, PageState(p, "free")) for p in range(1, allocator.num_pages + 1)]
-    tree = cache.to_dict()
+    tree = tree_to_dict(cache)
     lru = sorted((n["evict_rank"], n["id"]) for n in _walk(tree["root"]) if n["evict_rank"] is not None)
     return ExplorerFrame(
         step=step, label=label, result=result, page_size=ps, tree=tree, pages=pages,
