@@ -79,7 +79,7 @@ _EXPORTS: dict[str, str] = {
     "MHATokenToKVPool": "hybridpar.radix",
     "check_integrity": "hybridpar.radix",
     "TPScheduler": "hybridpar.radix.scheduler",
-    "ServerArgs": "hybridpar.radix.server_args",
+    "ServerArgs": "hybridpar.config",
     "SharedPrefixWorkload": "hybridpar.radix.workload",
     "TPRadixAttentionModelWrapper": "hybridpar.models.model_wrapper",
 }

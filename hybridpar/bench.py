@@ -279,7 +279,7 @@ class ModelHandle:
     server_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from hybridpar.radix.server_args import ServerArgs
+        from hybridpar.config import ServerArgs
 
         if self.server_args is None:
             self.server_args = ServerArgs(**self.server_kwargs)

@@ -33,7 +33,7 @@ from hybridpar.radix.pool_sync import (
 )
 from hybridpar.radix.schedule_policy import AddResult, InBatchPrefixFilter, PrefillAdder, SchedulePolicy
 from hybridpar.core import ServeReq
-from hybridpar.radix.server_args import ServerArgs
+from hybridpar.config import ServerArgs
 from hybridpar.radix.workload import SharedPrefixWorkload, theoretical_hit_rate
 from tests import radix_serving_workers as workers
 from tests.torchrun_util import run_under_torchrun

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hybridpar.models.default_checkpoint import DEFAULT_MODEL
-from hybridpar.radix.server_args import SCHEDULE_POLICIES, ServerArgs
+from hybridpar.config import SCHEDULE_POLICIES, ServerArgs
 from hybridpar.radix.workload import SharedPrefixWorkload, WorkloadRequest
 
 # System prompts (one per group) and questions (the same set in every group). Each starts with a

@@ -29,7 +29,7 @@ from hybridpar.radix.mem_pool import kv_bytes_per_token
 from hybridpar.core import StepPlan
 from hybridpar.radix.model_runner import ModelRunner
 from hybridpar.radix.scheduler import TPScheduler
-from hybridpar.radix.server_args import ServerArgs
+from hybridpar.config import ServerArgs
 from hybridpar.radix.workload import SharedPrefixWorkload
 
 # name -> ServerArgs overrides; the run called "no cache" is the baseline for "prefill tokens saved".

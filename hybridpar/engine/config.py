@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hybridpar.config import ParallelConfig
-from hybridpar.radix.server_args import ServerArgs
+from hybridpar.config import ServerArgs
 
 if TYPE_CHECKING:
     from hybridpar.models.config import ModelConfig

@@ -13,7 +13,7 @@ after ``initialize_tensor_parallel(tp)``::
 ``generate`` serves a batch from a contiguous KV cache
 (:class:`~hybridpar.models.attention_backend.ContiguousKVCache`). The serving arguments
 (``page_size``, pool size, radix cache on/off, schedule policy, chunked prefill, ...) are kept in
-``server_args`` (:class:`~hybridpar.radix.server_args.ServerArgs`) for
+``server_args`` (:class:`~hybridpar.config.ServerArgs`) for
 :class:`~hybridpar.radix.scheduler.TPScheduler`, which serves requests with RadixAttention: a
 paged KV pool plugged into the same :class:`~hybridpar.models.attention_backend.AttentionBackend`
 seam, continuous batching and a radix cache coordinated across the TP ranks::
@@ -40,7 +40,7 @@ from hybridpar.models.default_checkpoint import resolve_model
 from hybridpar.models.generate import GenerationOutput, generate
 from hybridpar.models.loader import LOAD_FORMATS, LoadStats, load_checkpoint
 from hybridpar.core import SamplingParams
-from hybridpar.radix.server_args import ServerArgs
+from hybridpar.config import ServerArgs
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -61,7 +61,7 @@ class TPRadixAttentionModelWrapper:
     Attributes: ``path`` (checkpoint directory), ``config`` (:class:`ModelConfig`), ``model``
     (:class:`DecoderForCausalLM`), ``load_stats`` (:class:`LoadStats` of this rank), ``tokenizer``
     (loaded on first use), ``tp_group``, ``device``, ``dtype``, ``page_size``, ``server_args``
-    (:class:`~hybridpar.radix.server_args.ServerArgs` built from ``page_size``, the keyword-only
+    (:class:`~hybridpar.config.ServerArgs` built from ``page_size``, the keyword-only
     serving arguments and ``**server_args``; validated before any weight is read).
     """
 

@@ -49,7 +49,7 @@ from hybridpar.radix.paged_backend import RadixAttentionBackend
 from hybridpar.radix.pool_sync import pool_digest
 from hybridpar.radix.radix_cache import RadixCache
 from hybridpar.radix.schedule_policy import AddResult, InBatchPrefixFilter, PrefillAdder, SchedulePolicy
-from hybridpar.radix.server_args import ServerArgs
+from hybridpar.config import ServerArgs
 from hybridpar.radix.step_sync import StepSync
 
 
