@@ -34,13 +34,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from hybridpar.radix.pool_sync import MemoryOp
-    from hybridpar.radix.radix_cache import TreeNode
+# One pool change as rank 0 records it (:mod:`hybridpar.radix.pool_sync`): (name, args tuple, result or
+# None). Plain ints and lists only, so it pickles small.
+MemoryOp = tuple[str, tuple, Any]
 
 
 @dataclass(frozen=True, init=False)
@@ -119,7 +119,7 @@ class Req:
     # Slots of the tokens whose KV is already present when the next forward starts:
     # the matched cache prefix after admission, the whole row after a prefill chunk.
     prefix_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-    last_node: TreeNode | None = None
+    last_node: Any = None  # the prefix cache's node whose lock this request holds (a RadixCache TreeNode)
     cache_protected_len: int = 0
     kv_len: int = 0
 

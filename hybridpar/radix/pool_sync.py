@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 
+from hybridpar.core import MemoryOp
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 
-# One op: (name, args tuple, result or None). Plain ints and lists only, so it pickles small.
-MemoryOp = tuple[str, tuple, Any]
 
 
 class PoolDivergenceError(RuntimeError):
