@@ -35,8 +35,9 @@ for what in "${@:-tests verify}"; do for w in $what; do case $w in
     run verify_llama_tp2_bf16 python3 -m hybridpar.models.verify --tp 2 --dtype bf16 --backend nccl --model-name llama-tiny
     wait $p1 && echo "== verify_tp2_bf16: exit 0" | tee -a "$OUT/summary.log" || { echo "== verify_tp2_bf16: FAILED" | tee -a "$OUT/summary.log"; status=1; }
     tail -n 12 "$OUT/verify_tp2_bf16.log" ;;
-  verify4)  # a 4-GPU machine (nvidia-h200-x4): TP 4 replicates qwen2-tiny's 2 KV heads
+  verify4)  # a 4-GPU machine (nvidia-h200-x4): TP 4 on qwen2-tiny (4 KV heads), and on qwen2-tiny-copy, whose 2 KV heads it replicates
     run verify_tp4_fp32 python3 -m hybridpar.models.verify --tp 4 --dtype fp32 --backend nccl
+    run verify_copy_tp4_fp32 python3 -m hybridpar.models.verify --tp 4 --dtype fp32 --backend nccl --model-name qwen2-tiny-copy
     run verify_tp4_bf16 python3 -m hybridpar.models.verify --tp 4 --dtype bf16 --backend nccl
     run verify_llama_tp4_bf16 python3 -m hybridpar.models.verify --tp 4 --dtype bf16 --backend nccl --model-name llama-tiny
     run verify_tp2_tknp2 python3 -m hybridpar.tknp.verify --tensor-parallel-size 2 --token-parallel-size 2 --backend nccl
