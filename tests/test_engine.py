@@ -140,9 +140,20 @@ def test_bad_prompts_raise_in_the_parent_and_the_engine_goes_on() -> None:
                 llm.generate(prompts, use_tqdm=False)
         with pytest.raises(ValueError, match="one per prompt"):
             llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
-        with pytest.raises(ValueError, match="chat template"):
-            if not getattr(llm.get_tokenizer(), "chat_template", None):
-                llm.chat([{"role": "user", "content": "hi"}])
-            else:
-                raise ValueError("chat template present")
+        tok = llm.get_tokenizer()
+        chat = llm.chat([{"role": "user", "content": "What is a KV cache?"}], SamplingParams(max_tokens=4),
+                        use_tqdm=False)[0]
+        assert chat.prompt.startswith("<|im_start|>user") and len(chat.outputs[0].token_ids) == 4  # ChatML
+        template, tok.chat_template = tok.chat_template, None
+        with pytest.raises(ValueError, match="has no chat template"):
+            llm.chat([{"role": "user", "content": "hi"}])
+        tok.chat_template = template
         assert llm.generate("The", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.slow
+def test_progress_bar_counts_every_request(capsys: pytest.CaptureFixture) -> None:
+    with LLM(backend="gloo") as llm:
+        llm.generate(PROMPTS, SamplingParams(max_tokens=3), use_tqdm=True)
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "3/3" in err and "tok/s" in err
