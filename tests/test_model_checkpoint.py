@@ -289,7 +289,7 @@ def test_sampling_is_seeded_and_greedy_is_argmax():
     assert sample(logits, [SamplingParams()] * 3, [torch.Generator()] * 3) == logits.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_k": -1}, {"top_p": 0.0}, {"max_new_tokens": 0}])
+@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"max_new_tokens": 0}])
 def test_bad_sampling_params_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

@@ -58,9 +58,9 @@ def test_tp_shards_weights_and_kv_heads() -> None:
         assert kv_bytes_per_token(LLAMA, t) == kv_bytes_per_token(LLAMA) / t
     # More ranks than KV heads: each rank keeps one KV head (replicated).
     tiny = MODEL_PRESETS["tiny"]
-    assert kv_heads_per_rank(tiny, 2) == 1
-    assert kv_heads_per_rank(tiny, 4) == 1
-    assert kv_bytes_per_token(tiny, 4) == kv_bytes_per_token(tiny, 2)
+    kv = tiny.num_kv_heads
+    assert kv_heads_per_rank(tiny, kv) == 1 and kv_heads_per_rank(tiny, 2 * kv) == 1
+    assert kv_bytes_per_token(tiny, 2 * kv) == kv_bytes_per_token(tiny, kv)
 
 
 def test_invalid_tp_size_names_the_valid_choices() -> None:
