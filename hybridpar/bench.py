@@ -11,7 +11,7 @@
   (bytes read + bytes written).
 * **Models with random weights, in memory.** :func:`random_checkpoint` draws every tensor of a
   built-in recipe (``qwen2.5-0.5b-shape``, ``llama-7b-shape``, ...) directly on the device with the
-  recipe's scaling rules (:func:`~hybridpar.models.default_checkpoint.make_tensor`), so a 7B model
+  recipe's scaling rules (:func:`~hybridpar.models.recipe_files.make_tensor`), so a 7B model
   needs no 13.5 GB file. :func:`build_model` loads such tensors into a TP decoder through the
   ordinary ``load_weights`` path; :func:`build_hf_model` loads the *same* tensors into transformers'
   model, for like-for-like comparisons. :class:`ModelHandle` lets a
@@ -211,7 +211,8 @@ def random_checkpoint(name: str, device: torch.device | str, dtype: torch.dtype 
     same rule's values drawn on the CPU; the tiny recipes' files add structure (see
     :mod:`hybridpar.models.default_checkpoint`), which benchmarks do not need.
     """
-    from hybridpar.models.default_checkpoint import BUILTIN_MODELS, checkpoint_tensor_shapes, make_tensor
+    from hybridpar.models.default_checkpoint import BUILTIN_MODELS
+    from hybridpar.models.recipe_files import checkpoint_tensor_shapes, make_tensor
 
     spec = BUILTIN_MODELS[name]
     seed = spec.seed if seed is None else seed

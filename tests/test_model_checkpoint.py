@@ -21,10 +21,10 @@ from hybridpar.models.default_checkpoint import (  # noqa: E402
     QWEN_TOKENIZER,
     ModelNotFoundError,
     ModelSpec,
-    checkpoint_tensor_shapes,
     default_model_path,
     resolve_model,
 )
+from hybridpar.models.recipe_files import checkpoint_tensor_shapes  # noqa: E402
 from hybridpar.models.loader import CorruptCheckpointError, LoadStats, iter_checkpoint  # noqa: E402
 from hybridpar.models.rotary import inverse_frequencies  # noqa: E402
 from hybridpar.models.sampling import SamplingParams, filtered_probs, sample  # noqa: E402

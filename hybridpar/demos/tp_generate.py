@@ -95,8 +95,8 @@ def format_report(results: list[dict[str, Any]], model_name: str | None, tp: int
             if kind == "trained" else "this model has random weights: its text is noise by design, so judge "
             "the run by the verdict, not by the words" if kind == "random" else
             "every completion continues its prompt",
-            f"the same tokens on every rank: TP rank 0 picks each token from the gathered logits and "
-            f"broadcasts it, so the text does not depend on the TP size"]
+            "the same tokens on every rank: TP rank 0 picks each token from the gathered logits and "
+            "broadcasts it, so the text does not depend on the TP size"]
     head = intro("Tensor-parallel generation",
                  [model_line(model_name), f"TP {tp} on {backend}, {dtype}, {how}, up to {max_new_tokens} new "
                                           f"tokens per prompt"], look)

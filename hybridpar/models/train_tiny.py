@@ -304,7 +304,7 @@ def write_checkpoint(out: Path, recipe: TinyRecipe, tokenizer: Any, model: Any, 
     """Write the Hugging Face files of the trained model into ``out`` (created if missing)."""
     from safetensors.torch import save_file
 
-    from hybridpar.models.default_checkpoint import checkpoint_tensor_shapes
+    from hybridpar.models.recipe_files import checkpoint_tensor_shapes
 
     out.mkdir(parents=True, exist_ok=True)
     config = recipe.config
