@@ -87,7 +87,8 @@ def test_default_model_writes_the_books_english(qwen2):
 
     from transformers import AutoTokenizer
 
-    from hybridpar.models.train_tiny import TinyRecipe, book_corpus, glossary_entries
+    from hybridpar.models.book_corpus import book_corpus, glossary_entries
+    from hybridpar.models.train_tiny import TinyRecipe
 
     tok = AutoTokenizer.from_pretrained(qwen2)
     docs, _ = book_corpus(TinyRecipe())
