@@ -96,13 +96,9 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        order = [(r, k) for k in range(max(map(len, batches), default=0)) for r in range(replicas)
-                 if k < len(batches[r])]
-        by_replica = self._reporter_results(per_rank)
-        outputs = []
-        for (replica, k), text, tokens, sp in zip(order, texts, ids, params):
-            outputs.append(self._output(by_replica[replica][k], text, tokens, sp))
-        return outputs
+        by_replica = self._reporter_results(per_rank)  # prompt i is result i // replicas of replica i % replicas
+        return [self._output(by_replica[i % replicas][i // replicas], text, tokens, sp)
+                for i, (text, tokens, sp) in enumerate(zip(texts, ids, params))]
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
