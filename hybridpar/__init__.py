@@ -12,6 +12,7 @@ chapter                            module
 5 RadixAttention under TP          :mod:`hybridpar.radix`
 6 Token parallelism                :mod:`hybridpar.tknp`
 7 Performance                      ``bench/``
+8 One engine: the LLM API          :mod:`hybridpar.engine`, :mod:`hybridpar.cli`
 =================================  ==========================================
 
 Public names are resolved lazily (PEP 562) so that ``import hybridpar`` stays cheap and
