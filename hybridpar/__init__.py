@@ -69,7 +69,6 @@ _EXPORTS: dict[str, str] = {
     # token parallelism
     "TokenParallelAttention": "hybridpar.tknp",
     "AttentionWorker": "hybridpar.tknp",
-    "TknpEngine": "hybridpar.tknp",
     "TknpScheduler": "hybridpar.tknp",
     "compare_strategies": "hybridpar.tknp.memory",
     # RadixAttention serving

@@ -56,13 +56,46 @@ def test_world_size_includes_the_tknp_dimension():
     (["--tensor-parallel-size", "3", "--token-parallel-size", "2"], None, "valid tensor_parallel_size values"),
     (["--token-parallel-size", "0"], None, "token_parallel_size must be >= 1"),
     (["--token-parallel-size", "2", "--dtype", "fp8"], None, "dtype must be one of"),
+    (["--token-parallel-size", "2", "--max-seq-len", "1000"], None, "--max-seq-len must be in [2, 512]"),
+    (["--token-parallel-size", "two"], None, "invalid int value"),  # argparse's own errors: one line too
 ])
 def test_cli_rejects_invalid_combinations_with_exit_2(argv, world, message, capsys):
     with pytest.raises(SystemExit) as info:
         parse_args(argv + ["--force-cpu"], world_size=world)
     assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m hybridpar.tknp.cli: error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--prompt", ""], "prompt 0 is empty"),
+    (["--prompt", "Hi", "--prompt", "word " * 80], "prompt 1 ("),  # 80+ tokens + 16 new > --max-seq-len 64
+    (["--prompt", "Hi", "--memory-budget-mb", "11.7"], "raise --memory-budget-mb"),  # the weights leave no KV page
+])
+def test_bad_prompts_are_one_line_and_exit_2_before_any_rank_starts(argv, message, capsys, monkeypatch):
+    import hybridpar.distributed.launcher as launcher
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("a rank was spawned for a request the parent could have rejected")
+
+    monkeypatch.setattr(launcher, "launch", no_spawn)
+    with pytest.raises(SystemExit) as info:
+        main(["--token-parallel-size", "2", "--force-cpu", "--max-seq-len", "64", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_run_demo_raises_before_spawning(monkeypatch):
+    import hybridpar.distributed.launcher as launcher
+    from hybridpar.tknp.cli import run_demo
+
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("spawned ranks"))
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        run_demo(prompts=[""], force_cpu=True)
+    with pytest.raises(ValueError, match="exceed --max-seq-len 32"):
+        run_demo(prompts=["Hi", "a long prompt " * 10], max_seq_len=32, force_cpu=True)
+    with pytest.raises(ParallelConfigError, match="mutually exclusive"):
+        run_demo(token_parallel_size=2, data_parallel_size=2)
 
 
 def test_cli_flags_map_to_the_setup():
@@ -78,6 +111,7 @@ def test_module_entry_point_exits_2_without_traceback():
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert "mutually exclusive" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_tknp2_demo_and_dp2_under_torchrun_give_the_same_text(capsys):

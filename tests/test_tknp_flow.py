@@ -1,5 +1,6 @@
-"""The token-parallel flow visualizer: its frames say what the placement, the split and the heads say,
-and a real TP 2 x TKNP 2 run on gloo moves exactly the shapes the frames show."""
+"""The token-parallel flow visualizer: its frames say what the placement, the scheduler's rule, the split
+and the heads say, and a real TP 2 x TKNP 2 run of the engine's scheduler on gloo moves exactly the shapes
+the frames show."""
 from __future__ import annotations
 
 import functools
@@ -15,7 +16,7 @@ from hybridpar.roofline import MODEL_PRESETS
 from hybridpar.tknp.attention import AttentionGeometry, TknpForwardBatch, split_batch
 from hybridpar.tknp.memory import shape_of
 from hybridpar.tknp.placement import RequestPlacer, place_all
-from hybridpar.tknp.runner import TknpSetup, Workload
+from hybridpar.tknp.runner import TknpSetup
 from hybridpar.viz.tknp_flow import (
     DEFAULT_REQUESTS,
     STAGES,
@@ -44,21 +45,27 @@ def test_flow_is_the_placement_the_split_and_the_heads(tp: int, tknp: int, batch
     requests = BATCHES[batch]
     flow = step_flow("tiny", tp, tknp, requests, max_new_tokens=8)
     shape = MODEL_PRESETS["tiny"]
-    # placement: the placer's own greedy rule on the engine's reservations (prompt + max_new - 1)
-    assert list(flow.reservations) == [r.prompt_len + 8 - 1 for r in requests]
+    # placement: the placer's own greedy rule on the engine's reservations (prompt + max_new_tokens)
+    assert list(flow.reservations) == [r.prompt_len + 8 for r in requests]
     assert list(flow.placement) == place_all(list(flow.reservations), tknp)
     placer = RequestPlacer(tknp)
     for i, cost in enumerate(flow.reservations):
         placer.place(i, cost)
     assert max(placer.loads) - min(placer.loads) <= max(flow.reservations)
+    # the pass: a rank with a new request prefills its new requests only; the others decode all of theirs
+    for r in range(tknp):
+        held, new = flow.requests_on(r), [i for i in flow.requests_on(r) if requests[i].generated == 0]
+        assert flow.running_on(r) == (new or held)
+    assert sorted(flow.running + tuple(flow.waiting)) == list(range(len(requests)))
     # the split: split_batch on the same placed batch
-    fb = TknpForwardBatch.build_placed(None, flow.placement, flow.rows, [r.cached_tokens for r in requests],
-                                       [r.new_tokens for r in requests])
+    run = flow.running
+    fb = TknpForwardBatch.build_placed(None, [flow.placement[i] for i in run], [flow.rows[i] for i in run],
+                                       [requests[i].cached_tokens for i in run], [requests[i].new_tokens for i in run])
     plan, order = split_batch(fb, tknp)
     assert flow.split_sizes == plan.split_sizes
     assert list(flow.order) == order.tolist()
-    assert flow.split_sizes == [sum(requests[i].new_tokens for i in flow.requests_on(r)) for r in range(tknp)]
-    assert flow.kv_tokens == [sum(requests[i].seq_len for i in flow.requests_on(r)) for r in range(tknp)]
+    assert flow.split_sizes == [sum(requests[i].new_tokens for i in flow.running_on(r)) for r in range(tknp)]
+    assert flow.kv_tokens == [sum(requests[i].seq_len for i in flow.running_on(r)) for r in range(tknp)]
     for r in range(tknp):  # rows: the engine's next free row of the rank, in placement order
         assert [flow.rows[i] for i in flow.requests_on(r)] == list(range(len(flow.requests_on(r))))
     # heads: what QKVParallelLinear holds on every TP rank
@@ -144,24 +151,27 @@ def test_bad_input_names_the_fix() -> None:
         FlowRequest(0)
     with pytest.raises(ValueError, match="arrival order"):
         engine_requests(step_flow("tiny", 1, 2, [FlowRequest(3, 0), FlowRequest(4, 2)]))
+    with pytest.raises(ValueError, match="arrived at the same step"):  # the later arrival delays its rank
+        engine_requests(step_flow("tiny", 1, 2, [FlowRequest(3, 4), FlowRequest(4, 2), FlowRequest(5, 0)]))
 
 
 def test_engine_requests_reach_the_pass() -> None:
     flow = step_flow("tiny", 1, 2)
-    requests, step = engine_requests(flow)
-    assert step == 4
-    assert [r.arrival_step for r in requests] == [0, 0, 0, 0, 0, 4]
-    assert [len(r.prompt_ids) for r in requests] == [r.prompt_len for r in DEFAULT_REQUESTS]
-    assert [r.max_tokens for r in requests] == list(flow.reservations)
+    workload, step = engine_requests(flow)
+    assert step == 4 and workload.arrival_steps == [0, 0, 0, 0, 0, 4]
+    assert [len(p) for p in workload.prompts] == [r.prompt_len for r in DEFAULT_REQUESTS]
+    assert [len(p) + sp.max_new_tokens for p, sp in zip(workload.prompts, workload.sampling)] == list(flow.reservations)
+    assert all(sp.ignore_eos and sp.greedy for sp in workload.sampling)
+    assert flow.waiting == [1, 2]  # rank 1 prefills r5 in this pass, so r1 and r2 wait
 
 
 @functools.cache
 def _real_run() -> tuple[object, int, list[dict]]:
     config = ModelConfig.from_pretrained(resolve_model("qwen2-tiny"))
     flow = step_flow(shape_of(config, "qwen2-tiny"), 2, 2)
-    requests, step = engine_requests(flow, vocab_size=config.vocab_size)
+    workload, step = engine_requests(flow, vocab_size=config.vocab_size)
     setup = TknpSetup(model_name="qwen2-tiny", tensor_parallel_size=2, token_parallel_size=2, max_seq_len=64)
-    return flow, step, launch(flow_rank, 4, setup, Workload("flow", requests), backend="gloo", timeout=300)
+    return flow, step, launch(flow_rank, 4, setup, workload, backend="gloo", timeout=300)
 
 
 def test_a_real_tp2_tknp2_run_moves_the_frames_shapes() -> None:
@@ -173,16 +183,17 @@ def test_a_real_tp2_tknp2_run_moves_the_frames_shapes() -> None:
     for r in ranks:  # the real model's (and worker's) heads are the frame's
         g = flow.heads[r["tp_rank"]]
         assert r["heads"] == (g.num_heads, g.num_kv_heads)
-    for root in roots:
-        assert root["placement"] == list(flow.placement) and root["rows"] == list(flow.rows)
-        s, reqs, new, kv = root["history"][step]
-        assert s == step
-        assert reqs == [len(flow.requests_on(r)) for r in range(2)]
-        assert new == flow.split_sizes and kv == flow.kv_tokens
+    leader = roots[0]  # it decides (and logs) every pass; the other root replays them
+    assert leader["placement"] == list(flow.placement) and leader["rows"] == list(flow.rows)
+    the_pass = leader["passes"][step]
+    reqs, new, kv = the_pass.per_rank(2)
+    assert reqs == [len(flow.running_on(r)) for r in range(2)]
+    assert new == flow.split_sizes and kv == flow.kv_tokens
+    assert sorted(the_pass.rids) == sorted(leader["rids"][i] for i in flow.running)  # the waiting ones sit out
     assert roots[0]["tokens"] == roots[1]["tokens"]
-    history = roots[0]["history"]
+    per_pass = [p.per_rank(2)[1] for p in leader["passes"]]  # new tokens of each TKNP rank, pass by pass
     for r in ranks:  # the local attention calls of the pass: q [n_r, Hq, d], k [n_r, Hkv, d] over kv_r tokens
-        busy = [h[0] for h in history if h[1][r["tknp_rank"]] > 0]
+        busy = [i for i, n in enumerate(per_pass) if n[r["tknp_rank"]] > 0]
         k = busy.index(step)
         calls = r["calls"][k * L:(k + 1) * L]
         g, n = flow.heads[r["tp_rank"]], flow.split_sizes[r["tknp_rank"]]

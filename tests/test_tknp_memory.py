@@ -26,6 +26,23 @@ def test_rank_kv_tokens():
     assert rank_kv_tokens(100, 200, 16) == 0  # the weights alone do not fit
     with pytest.raises(ValueError):
         rank_kv_tokens(100, 0, 0)
+    with pytest.raises(ValueError):
+        rank_kv_tokens(100, 0, 16, reserved_tokens=-1)
+
+
+@pytest.mark.parametrize("budget", [0, 15 * 64, 16 * 64, 33 * 64 + 5, 1_000_000])
+def test_reserved_page_is_how_the_engine_sizes_a_paged_pool(budget):
+    """granularity = reserved = page size: exactly max_tokens_for_budget (page 0 paid for, never handed out)."""
+    import torch
+
+    from hybridpar.radix.mem_pool import kv_bytes_per_token as pool_bytes_per_token
+    from hybridpar.radix.mem_pool import max_tokens_for_budget
+
+    per_token = pool_bytes_per_token(2, 2, 4, torch.float32)  # 64 bytes
+    for page in (1, 8, 16):
+        expected = max_tokens_for_budget(budget, 2, 2, 4, torch.float32, page)
+        assert rank_kv_tokens(budget, 0, per_token, granularity=page, reserved_tokens=page) == expected
+    assert rank_kv_tokens(16 * 64, 0, 64, granularity=16, reserved_tokens=16) == 0  # one page: page 0 only
 
 
 def test_tknp_roots_hold_the_weights_workers_hold_none():

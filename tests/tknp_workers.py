@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,43 +19,30 @@ from hybridpar.distributed.parallel_state import (
 from hybridpar.models.attention_backend import ForwardBatch
 from hybridpar.models.generate import generate
 from hybridpar.tknp.attention import TokenParallelAttention
-from hybridpar.tknp.runner import TknpRoot, TknpSetup, Workload
-from hybridpar.tknp.verify import PagedWorkload, verify_paged_rank, verify_rank
+from hybridpar.tknp.radix_scheduler import TknpScheduler
+from hybridpar.tknp.runner import TknpSetup
+from hybridpar.tknp.verify import Workload, verify_rank
 
 
-def _root_extras(root: TknpRoot, workloads: Sequence[Workload]) -> dict[str, Any]:
-    """generate() on the first workload, and the exactness of the disabled wrapper."""
+def _root_extras(sched: TknpScheduler, workloads: Sequence[Workload]) -> dict[str, Any]:
+    """generate() (chapter 4's fixed batch) on the first workload, and the exactness of the disabled wrapper."""
     first = workloads[0]
-    prompts = [r.prompt_ids for r in first.requests]
+    model, prompts = sched.model, first.prompts
     hidden = []
     for wrap in (False, True):  # one prefill through a bare cache and through TokenParallelAttention(group=None)
-        cache = root.model.make_kv_cache(len(prompts), root.setup.max_seq_len)
-        backend = TokenParallelAttention(cache, None, root.geometry) if wrap else cache
+        cache = model.make_kv_cache(len(prompts), sched.max_context_len)
+        backend = TokenParallelAttention(cache, None, sched.geometry) if wrap else cache
         fb = ForwardBatch.build(backend, cache.alloc(len(prompts)), [0] * len(prompts), [len(p) for p in prompts])
         ids = torch.tensor([t for p in prompts for t in p])
         with torch.no_grad():
-            hidden.append(root.model(ids, fb.positions, fb))
-    return {"generate": [o.token_ids for o in generate(root.model, prompts, first.requests[0].sampling)],
+            hidden.append(model(ids, fb.positions, fb))
+    return {"generate": [o.token_ids for o in generate(model, prompts, first.sampling[0])],
             "fallback_exact": torch.equal(hidden[0], hidden[1])}
 
 
-@dataclass(frozen=True)
-class PagedCase:
-    """The paged (TknpScheduler) check to run on some layouts of the same launch."""
-
-    model: str
-    layouts: tuple[tuple[int, int], ...]
-    budgets: dict[int, int]  # per TP size
-    max_seq_len: int
-    workload: PagedWorkload
-    page_size: int
-
-
 def serve_layouts(layouts: list[tuple[int, int]], models: list[str], budgets: dict[int, dict[str, int]],
-                  max_seq_len: int, workloads: list[Workload], paged: PagedCase | None = None
-                  ) -> dict[tuple[int, int], Any]:
-    """Every rank, for each ``(tp, tknp)`` in turn: build the groups, run verify_rank per model (and
-    verify_paged_rank on ``paged.layouts``), tear down.
+                  max_seq_len: int, workloads: list[Workload], page_size: int) -> dict[tuple[int, int], Any]:
+    """Every rank, for each ``(tp, tknp)`` in turn: build the groups, run verify_rank per model, tear down.
 
     One launch covers several layouts (spawning ranks is the slow part on a small CPU box); a
     layout smaller than the world runs as independent replicas (external DP).
@@ -74,12 +60,7 @@ def serve_layouts(layouts: list[tuple[int, int]], models: list[str], budgets: di
         for name in models:
             setup = TknpSetup(model_name=name, tensor_parallel_size=tp, token_parallel_size=tknp,
                               memory_budget_bytes=budgets[tp][name], max_seq_len=max_seq_len)
-            out["models"][name] = verify_rank(setup, workloads, reference_rows=3, extra=_root_extras)
-        if paged is not None and (tp, tknp) in paged.layouts:
-            setup = TknpSetup(model_name=paged.model, tensor_parallel_size=tp, token_parallel_size=tknp,
-                              memory_budget_bytes=paged.budgets[tp], max_seq_len=paged.max_seq_len,
-                              max_requests_per_rank=4)
-            out["paged"] = verify_paged_rank(setup, paged.workload, paged.page_size)
+            out["models"][name] = verify_rank(setup, workloads, page_size, reference_rows=3, extra=_root_extras)
         results[(tp, tknp)] = out
         destroy_model_parallel()
     return results

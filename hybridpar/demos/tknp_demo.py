@@ -3,8 +3,10 @@
     torchrun --nproc-per-node 2 -m hybridpar.demos.tknp_demo \\
         --tensor-parallel-size 1 --token-parallel-size 2 --enable-token-parallel --model-name qwen2-tiny
 
-Every process checks the flags against ``WORLD_SIZE`` first (invalid input: message, exit 2, no
-rank starts). Rank 0 prints what ran and what to look for, the per-rank table (weights, KV cache,
+Every process checks the flags against ``WORLD_SIZE`` and the prompts first (invalid input: one
+line from rank 0, exit 2, no rank starts). The ranks are built and serve as the engine's are
+(:func:`hybridpar.tknp.runner.demo_rank`). Outside torchrun (``hybridpar demo tknp_demo ...``) the
+ranks are spawned with ``hybridpar.launch`` instead. Rank 0 prints what ran and what to look for, the per-rank table (weights, KV cache,
 tokens attended), the completions as text and a one-line verdict (:func:`format_explained`, also
 usable on the result of ``hybridpar.tknp.cli.run_demo`` in a notebook).
 """
@@ -17,18 +19,21 @@ from collections.abc import Sequence
 
 import torch.distributed as dist
 
-from hybridpar.distributed.launcher import run_torchrun
+from hybridpar.distributed.launcher import is_torchrun, run_torchrun
 from hybridpar.tknp.cli import (
+    CONFIG_ERRORS,
     DEFAULT_PROMPTS,
     DemoResult,
     attended_tokens,
+    check_requests,
     collect,
+    config_error,
     demo_rank,
     format_reports,
     load_tokenizer,
     make_requests,
     parse_args,
-    split_for_replicas,
+    run_demo,
 )
 from hybridpar.tknp.runner import RankReport, TknpSetup
 
@@ -50,7 +55,7 @@ def tknp_verdict(result: DemoResult) -> str:
         ratio = min(w.capacity.num_tokens for w in workers) / max(1, max(r.capacity.num_tokens for r in roots))
         who = "the attention rank holds" if len(workers) == 1 else f"the {len(workers)} attention ranks hold"
         kv = (f"{ratio:.1f}x the KV capacity of a root" if s.memory_budget_bytes is not None else
-              "with no --memory-budget-mb the same fixed KV rows as a root (a budget gives them the memory a root "
+              "with no --memory-budget-mb the same KV pool as a root (a budget gives them the memory a root "
               "spends on weights)")
         return (f"token parallelism at work: {who} no weights (0 B, 0 nn.Parameter objects) and {kv}; a root holds "
                 f"{binary_bytes(roots[0].param_bytes)} of weights; every rank attended new tokens ({attended}). "
@@ -79,8 +84,8 @@ def format_explained(result: DemoResult) -> str:
                 "requests placed on them",
                 "weights (B) and nn.Params: 0 on the attention ranks; KV tokens: " +
                 ("more there than on a root, from the same memory budget" if s.memory_budget_bytes is not None else
-                 "a fixed number of rows everywhere (--memory-budget-mb sizes each rank's cache from what its "
-                 "weights leave)"),
+                 "the same pool everywhere, 8 requests of --max-seq-len tokens (--memory-budget-mb sizes each "
+                 "rank's pool from what its weights leave)"),
                 "attended: the new tokens each rank ran attention for (roots attend for their own requests too)",
                 "[tknp rank k]: where each prompt's KV cache lived"]
     else:
@@ -102,15 +107,27 @@ def _rank_main(setup: TknpSetup, per_replica: list) -> list[RankReport] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    args, setup = parse_args(argv, world_size=world, prog="torchrun ... -m hybridpar.demos.tknp_demo")
+    torchrun = is_torchrun()
+    prog = "torchrun ... -m hybridpar.demos.tknp_demo" if torchrun else "hybridpar demo tknp_demo"
+    args, setup = parse_args(argv, world_size=int(os.environ["WORLD_SIZE"]) if torchrun else None, prog=prog)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = load_tokenizer(setup)
     prompts = list(args.prompts or DEFAULT_PROMPTS)
-    requests = make_requests([list(tokenizer(p).input_ids) for p in prompts], args.max_new_tokens)
-    reports = run_torchrun(_rank_main, setup, split_for_replicas(requests, setup.data_parallel_size))
-    if reports is not None:
-        result = collect(setup, reports, prompts, tokenizer)
+    try:
+        if torchrun:
+            tokenizer = load_tokenizer(setup)
+            requests = make_requests([list(tokenizer(p).input_ids) for p in prompts], args.max_new_tokens)
+            check_requests(setup, requests)
+        else:  # spawn the ranks (hybridpar.launch); run_demo checks the prompts before it does
+            result: DemoResult | None = run_demo(
+                setup.model_name, setup.tensor_parallel_size, setup.token_parallel_size, args.enable_token_parallel,
+                setup.data_parallel_size, prompts, args.max_new_tokens, setup.memory_budget_bytes, setup.max_seq_len,
+                setup.dtype, args.force_cpu)
+    except CONFIG_ERRORS as exc:
+        config_error(prog, exc)
+    if torchrun:
+        reports = run_torchrun(_rank_main, setup, requests.split(setup.data_parallel_size))
+        result = None if reports is None else collect(setup, reports, prompts, tokenizer)
+    if result is not None:
         print(format_explained(result))
         if args.json:
             print(json.dumps(result.to_dict()))

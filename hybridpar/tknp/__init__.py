@@ -9,14 +9,17 @@ Non-root ranks hold no weights at all, only KV cache.
 * :mod:`.attention` -- :class:`TokenParallelAttention`, the root's attention backend: scatterv
   Q/K/V by request, attend locally, gatherv the outputs, restore the order.
 * :mod:`.worker` -- :class:`AttentionWorker`, a non-root rank: KV cache + attention, no model.
-* :mod:`.engine` -- :class:`TknpEngine`, continuous batching over contiguous caches.
-* :mod:`.radix_scheduler` -- :class:`TknpScheduler`, RadixAttention serving with a paged pool
-  and a radix tree per TKNP rank (TPScheduler's policy, per rank).
+* :mod:`.radix_scheduler` -- :class:`TknpScheduler`, the engine's scheduler under token
+  parallelism: a paged pool and a radix tree per TKNP rank (TPScheduler's policy, per rank).
 * :mod:`.memory` -- weights and KV capacity per rank for TP, DP and TKNP.
-* :mod:`.runner` -- bringing up a root or a worker from a :class:`~.runner.TknpSetup`.
+* :mod:`.runner` -- bringing up a root (its scheduler) or a worker from a :class:`~.runner.TknpSetup`.
 * :mod:`.cli` -- ``python -m hybridpar.tknp.cli`` (the seed's flags) and ``run_demo``;
   ``torchrun -m hybridpar.demos.tknp_demo`` is the torchrun entry point.
 * :mod:`.verify` -- ``python -m hybridpar.tknp.verify``: TKNP versus TP-only and transformers.
+
+Serving requests with token parallelism is :class:`hybridpar.LLM`'s job
+(``LLM(token_parallel_size=k)``): one engine for every layout, whose TKNP roots run a
+:class:`TknpScheduler` and whose other ranks run an :class:`AttentionWorker`.
 
 Mixture-of-experts models (where the seed spans expert parallelism over TP x TKNP) are not
 applicable here: hybridpar's decoders (Qwen2, Llama, Qwen3) are dense.
@@ -31,7 +34,6 @@ from hybridpar.tknp.attention import (
     TokenParallelAttention,
     split_batch,
 )
-from hybridpar.tknp.engine import Request, RequestOutput, TknpEngine
 from hybridpar.tknp.memory import MemoryPlan, RankMemory, compare_strategies, format_memory_table, plan_memory
 from hybridpar.tknp.placement import RequestPlacer, least_loaded, place_all
 from hybridpar.tknp.radix_scheduler import TknpScheduler
@@ -44,11 +46,8 @@ __all__ = [
     "MemoryPlan",
     "PassPlan",
     "RankMemory",
-    "Request",
-    "RequestOutput",
     "RequestPlacer",
     "SubBatch",
-    "TknpEngine",
     "TknpForwardBatch",
     "TknpScheduler",
     "TokenParallelAttention",

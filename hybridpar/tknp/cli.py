@@ -3,18 +3,25 @@
     python -m hybridpar.tknp.cli --tensor-parallel-size 1 --token-parallel-size 2 \\
         --enable-token-parallel --model-name qwen2-tiny --force-cpu
 
-starts ``tp x tknp x dp`` ranks with ``hybridpar.launch``, serves the prompts with token
-parallelism and prints, per rank, the weights it holds and the KV cache it has, then each
-completion. ``torchrun --nproc-per-node N -m hybridpar.demos.tknp_demo <same flags>`` runs the
-same thing under torchrun. ``--compare-memory`` instead measures TP, DP and TKNP on the same
-number of ranks with the same per-rank memory budget.
+starts ``tp x tknp x dp`` ranks with ``hybridpar.launch``, builds each one as the engine does
+(:mod:`hybridpar.tknp.runner`: a TKNP root runs the engine's
+:class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`, the other ranks of its TKNP group attend
+for the requests placed on them; without token parallelism every replica runs a
+:class:`~hybridpar.radix.scheduler.TPScheduler`), serves the prompts and prints, per rank, the
+weights it holds, its KV pool and the new tokens it attended for, then each completion. This is
+:class:`hybridpar.LLM`'s serving path with the ranks' own numbers shown; to just generate text use
+``hybridpar generate``. ``torchrun --nproc-per-node N -m hybridpar.demos.tknp_demo <same flags>``
+runs the same thing under torchrun. ``--compare-memory`` instead measures TP, DP and TKNP on the
+same number of ranks with the same per-rank memory budget.
 
 Flags (the seed's names): ``--tensor-parallel-size``, ``--token-parallel-size``,
 ``--enable-token-parallel``, ``--data-parallel-size``, ``--model-name``, ``--force-cpu``.
 Invalid combinations -- token parallelism together with data parallelism,
 ``--enable-token-parallel`` with a token-parallel size of 1, a world size that is not the
-product of the sizes, a TP size that does not divide the model's heads -- print the reason and
-exit with status 2, before any rank starts.
+product of the sizes, a TP size that does not divide the model's heads -- and bad prompts (empty,
+or longer than ``--max-seq-len`` with the new tokens) print one line, ``<prog>: error: <reason>``,
+and exit with status 2, before any rank starts (under torchrun rank 0 prints it, the others exit
+quietly).
 """
 
 from __future__ import annotations
@@ -27,13 +34,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-
 from hybridpar.config import ParallelConfig, ParallelConfigError
 from hybridpar.models.sampling import SamplingParams
-from hybridpar.tknp.engine import Request
-from hybridpar.tknp.memory import MemoryPlan, decoder_param_bytes, plan_memory, shape_of
-from hybridpar.tknp.runner import RankReport, TknpSetup, Workload, ensure_groups, serve
+from hybridpar.tknp.memory import MemoryPlan
+from hybridpar.tknp.runner import RankReport, TknpSetup, Workload, demo_rank, predicted_plan
+
+CONFIG_ERRORS = (ParallelConfigError, ValueError, FileNotFoundError)
 
 DEFAULT_PROMPTS = (
     "Token parallelism spreads attention over ranks.",
@@ -43,8 +49,25 @@ DEFAULT_PROMPTS = (
 )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block), exit status 2 (see :func:`config_error`)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        config_error(self.prog, message)
+
+
+def config_error(prog: str, exc: object) -> None:
+    """Print ``prog: error: <first line of exc>`` once and exit 2. Under torchrun only rank 0 prints and
+    fails; the other ranks found the same error and exit quietly (status 0), so that torchrun cannot kill
+    rank 0 before it has printed."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        raise SystemExit(0)
+    print(f"{prog}: error: {exc}".splitlines()[0], file=sys.stderr)
+    raise SystemExit(2)
+
+
 def build_parser(prog: str = "python -m hybridpar.tknp.cli") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Serve prompts with tensor x token parallelism.")
+    parser = _OneLineParser(prog=prog, description="Serve prompts with tensor x token parallelism.")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="TP ranks per model replica")
     parser.add_argument("--token-parallel-size", type=int, default=1, help="ranks per token-parallel group")
     parser.add_argument("--enable-token-parallel", action="store_true", default=None,
@@ -58,8 +81,10 @@ def build_parser(prog: str = "python -m hybridpar.tknp.cli") -> argparse.Argumen
     parser.add_argument("--prompt", action="append", dest="prompts", help="repeatable; default: a few demo prompts")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--memory-budget-mb", type=float, default=None,
-                        help="per-rank memory for weights + KV cache (MB); default: a fixed number of cache rows")
-    parser.add_argument("--max-seq-len", type=int, default=256, help="tokens per KV-cache row")
+                        help="per-rank memory for weights + KV cache (MB); default: every rank's KV pool holds "
+                             "8 requests of --max-seq-len tokens")
+    parser.add_argument("--max-seq-len", type=int, default=256,
+                        help="the longest request, prompt + new tokens (a KV-pool row)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--compare-memory", action="store_true",
                         help="measure weights and KV capacity per rank for TP, DP and TKNP on the same ranks")
@@ -81,8 +106,9 @@ def setup_from_args(args: argparse.Namespace) -> TknpSetup:
                      max_seq_len=args.max_seq_len, dtype=args.dtype)
 
 
-def check_setup(setup: TknpSetup, world_size: int | None = None) -> None:
-    """Raise ``ParallelConfigError`` / ``ValueError`` naming the fix; runs before any rank starts."""
+def check_setup(setup: TknpSetup, world_size: int | None = None, page_size: int = 16) -> None:
+    """Raise ``ParallelConfigError`` / ``ValueError`` naming the fix; runs before any rank starts. With a
+    memory budget, every rank must keep at least one KV page besides the reserved one after its weights."""
     from hybridpar.models.config import ModelConfig, check_tp_size
     from hybridpar.models.default_checkpoint import resolve_model
     from hybridpar.models.model_wrapper import parse_dtype
@@ -93,14 +119,21 @@ def check_setup(setup: TknpSetup, world_size: int | None = None) -> None:
     if world_size is not None:
         config.check_world_size(world_size)
     parse_dtype(setup.dtype)
-    if setup.max_seq_len < 2:
-        raise ValueError(f"--max-seq-len must be >= 2, got {setup.max_seq_len}")
-    check_tp_size(ModelConfig.from_pretrained(resolve_model(setup.model_name)), setup.tensor_parallel_size)
+    model = ModelConfig.from_pretrained(resolve_model(setup.model_name))
+    if not 2 <= setup.max_seq_len <= model.max_position_embeddings:
+        raise ValueError(f"--max-seq-len must be in [2, {model.max_position_embeddings}] (the model's "
+                         f"max_position_embeddings), got {setup.max_seq_len}")
+    check_tp_size(model, setup.tensor_parallel_size)
+    if setup.memory_budget_bytes is not None:
+        short = [r.rank for r in predicted_plan(setup, page_size).ranks if r.kv_tokens < page_size]
+        if short:
+            raise ValueError(f"a memory budget of {setup.memory_budget_bytes:,} bytes per rank leaves rank(s) {short} "
+                             f"no KV page after their weights; raise --memory-budget-mb")
 
 
 def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
                prog: str = "python -m hybridpar.tknp.cli") -> tuple[argparse.Namespace, TknpSetup]:
-    """Parse and validate; on invalid input print ``prog: error: <reason>`` and exit 2 (no traceback)."""
+    """Parse and validate; on invalid input print ``prog: error: <reason>`` (one line) and exit 2."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
@@ -111,8 +144,8 @@ def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None,
         check_setup(setup)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    except (ParallelConfigError, ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
+    except CONFIG_ERRORS as exc:
+        config_error(prog, exc)
     return args, setup
 
 
@@ -140,17 +173,34 @@ class DemoResult:
                 "completions": self.completions, "placement": self.placement}
 
 
-def make_requests(token_ids: list[list[int]], max_new_tokens: int) -> list[Request]:
-    """Greedy requests, all arriving at step 0."""
-    return [Request(ids, SamplingParams(max_new_tokens=max_new_tokens)) for ids in token_ids]
+def make_requests(token_ids: list[list[int]], max_new_tokens: int) -> Workload:
+    """Greedy requests, all arriving at once (split them over DP replicas with ``Workload.split``)."""
+    n = len(token_ids)
+    return Workload("demo", [list(ids) for ids in token_ids], [SamplingParams(max_new_tokens=max_new_tokens)] * n, [0] * n)
 
 
-def demo_rank(setup: TknpSetup, requests_per_replica: list[list[Request]]) -> RankReport:
-    """Every rank: serve this DP replica's share of the requests (all of them without DP)."""
-    from hybridpar.distributed.parallel_state import get_dp_group
+def check_requests(setup: TknpSetup, requests: Workload, page_size: int = 16) -> None:
+    """Raise ``ValueError`` naming the fix, in the parent, for a request no rank could serve: an empty
+    prompt, ids outside the vocabulary, prompt + new tokens beyond ``max_seq_len``, or (with a memory
+    budget) more KV pages than the largest pool that budget leaves (:func:`predicted_plan`)."""
+    from hybridpar.models.config import ModelConfig
+    from hybridpar.models.default_checkpoint import resolve_model
 
-    ensure_groups(setup)
-    return serve(setup, [Workload("demo", requests_per_replica[get_dp_group().rank_in_group])])
+    vocab = ModelConfig.from_pretrained(resolve_model(setup.model_name)).vocab_size
+    pool = None if setup.memory_budget_bytes is None else max(
+        r.kv_tokens for r in predicted_plan(setup, page_size).ranks)
+    for i, (ids, params) in enumerate(zip(requests.prompts, requests.sampling)):
+        total = len(ids) + params.max_new_tokens
+        if not ids:
+            raise ValueError(f"prompt {i} is empty; give at least one token")
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (the model's vocabulary)")
+        if total > setup.max_seq_len:
+            raise ValueError(f"prompt {i} ({len(ids)} tokens) + {params.max_new_tokens} new tokens = {total} exceed "
+                             f"--max-seq-len {setup.max_seq_len}; shorten the prompt or raise --max-seq-len")
+        if pool is not None and -(-(total - 1) // page_size) * page_size > pool:
+            raise ValueError(f"prompt {i} needs {total - 1} KV tokens but the largest KV pool the memory budget "
+                             f"leaves holds {pool}; raise --memory-budget-mb")
 
 
 def load_tokenizer(setup: TknpSetup) -> Any:
@@ -172,10 +222,11 @@ def collect(setup: TknpSetup, reports: list[RankReport], prompts: list[str], tok
     dp = setup.data_parallel_size
     order = split_for_replicas(list(range(len(prompts))), dp)
     completions, placement = [""] * len(prompts), [0] * len(prompts)
-    for d in range(dp):  # replica d's first rank is d * tp (DP and TKNP exclude each other)
-        for i, out in zip(order[d], reports[d * setup.tensor_parallel_size].outputs["demo"]):
-            completions[i] = tokenizer.decode(out.token_ids, skip_special_tokens=True)
-            placement[i] = out.tknp_rank if setup.token_parallel_size > 1 else d
+    for d in range(dp):  # replica d's first rank is d * tp, its leader (DP and TKNP exclude each other)
+        leader = reports[d * setup.tensor_parallel_size]
+        for i, tokens, rank in zip(order[d], leader.outputs, leader.placement):
+            completions[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+            placement[i] = rank if setup.token_parallel_size > 1 else d
     return DemoResult(setup, reports, list(prompts), completions, placement)
 
 
@@ -186,7 +237,8 @@ def run_demo(model_name: str | None = None, tensor_parallel_size: int = 1, token
              force_cpu: bool = False, timeout: float = 300.0) -> DemoResult:
     """Serve ``prompts`` on ``tp x tknp x dp`` fresh ranks (``hybridpar.launch``); for notebooks.
 
-    Raises ``ParallelConfigError`` (a ``ValueError``) before starting anything on invalid sizes.
+    Raises ``ParallelConfigError`` (a ``ValueError``) or ``ValueError`` before starting anything, on
+    invalid sizes or prompts (:func:`check_setup`, :func:`check_requests`).
     """
     from hybridpar.distributed.launcher import launch
 
@@ -200,8 +252,11 @@ def run_demo(model_name: str | None = None, tensor_parallel_size: int = 1, token
     check_setup(setup)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = load_tokenizer(setup)
-    ids = [list(tokenizer(p).input_ids) for p in prompts]
-    per_replica = split_for_replicas(make_requests(ids, max_new_tokens), data_parallel_size)
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings")
+    requests = make_requests([list(tokenizer(p).input_ids) for p in prompts], max_new_tokens)
+    check_requests(setup, requests)
+    per_replica = requests.split(data_parallel_size)
     world = config.world_size if config.token_parallel_enabled else tensor_parallel_size * data_parallel_size
     reports = launch(demo_rank, world, setup, per_replica, backend="gloo" if force_cpu else "auto", timeout=timeout)
     return collect(setup, reports, list(prompts), tokenizer)
@@ -209,14 +264,12 @@ def run_demo(model_name: str | None = None, tensor_parallel_size: int = 1, token
 
 def attended_tokens(report: RankReport) -> int:
     """New tokens a rank ran attention for (the table's "attended" column): a worker counts its own; a
-    root's history records the new tokens placed on every TKNP rank at each step, its own among them."""
-    if report.worker_stats is not None:
-        return int(report.worker_stats["new_tokens"])
-    return sum(step.new_tokens[report.tknp_rank] for steps in report.history.values() for step in steps)
+    root, the new tokens its scheduler's passes placed on its TKNP rank (all of them without TKNP)."""
+    return report.attended_tokens
 
 
 def format_reports(reports: Sequence[RankReport]) -> str:
-    """One row per rank: role, weights, KV cache (rows x tokens), work done."""
+    """One row per rank: role, weights, KV pool (request rows, tokens, bytes), new tokens attended."""
     lines = [f"{'rank':>4} {'role':<9} {'tp':>2} {'tknp':>4} {'weights (B)':>12} {'nn.Params':>9} "
              f"{'KV rows':>7} {'KV tokens':>9} {'KV bytes':>10} {'attended':>8}"]
     for r in reports:
@@ -244,6 +297,7 @@ class MeasuredLayout:
     setup: TknpSetup
     reports: list[RankReport] | None = None
     error: str | None = None
+    page_size: int = 16
 
     @property
     def kv_tokens_total(self) -> int:
@@ -254,25 +308,16 @@ class MeasuredLayout:
 
     def predicted(self) -> MemoryPlan:
         """What :func:`hybridpar.tknp.memory.plan_memory` claims for this layout."""
-        from hybridpar.models.config import ModelConfig
-        from hybridpar.models.default_checkpoint import resolve_model
-
-        s = self.setup
-        config = ModelConfig.from_pretrained(resolve_model(s.model_name))
-        size = torch.empty((), dtype=s.torch_dtype).element_size()
-        return plan_memory(shape_of(config), s.memory_budget_bytes or 0, tensor_parallel_size=s.tensor_parallel_size,
-                           token_parallel_size=s.token_parallel_size, data_parallel_size=s.data_parallel_size,
-                           bytes_per_param=size, bytes_per_elem=size, granularity=s.max_seq_len,
-                           param_bytes=decoder_param_bytes(config, s.tensor_parallel_size, size))
+        return predicted_plan(self.setup, self.page_size)
 
 
-def measure_memory(model_name: str | None = None, num_ranks: int = 2, memory_budget_bytes: int = 2_000_000,
+def measure_memory(model_name: str | None = None, num_ranks: int = 2, memory_budget_bytes: int = 16_000_000,
                    tknp_tensor_parallel_size: int = 1, max_seq_len: int = 64, force_cpu: bool = True,
                    timeout: float = 300.0) -> list[MeasuredLayout]:
     """Build (without serving) TP ``n``, DP ``n`` and TKNP on ``n`` ranks, all with the same per-rank
     budget, and collect what every rank holds (one launch; the layouts are built one after the
-    other). A layout the model cannot take (TP ``n`` not dividing the heads) gets ``error`` instead
-    of reports."""
+    other). A layout the model cannot take (TP ``n`` not dividing the heads), or whose ranks the budget
+    leaves no KV page, gets ``error`` instead of reports."""
     from hybridpar.distributed.launcher import launch
 
     base = TknpSetup(model_name=model_name, memory_budget_bytes=memory_budget_bytes, max_seq_len=max_seq_len)
@@ -283,8 +328,8 @@ def measure_memory(model_name: str | None = None, num_ranks: int = 2, memory_bud
                               replace(base, tensor_parallel_size=t, token_parallel_size=num_ranks // t))]
     for layout in layouts:
         try:
-            check_setup(layout.setup, num_ranks)
-        except (ParallelConfigError, ValueError) as exc:
+            check_setup(layout.setup, num_ranks, layout.page_size)
+        except CONFIG_ERRORS as exc:
             layout.error = str(exc)
     runnable = [layout for layout in layouts if layout.error is None]
     per_rank = launch(build_layouts_rank, num_ranks, [layout.setup for layout in runnable],
@@ -300,7 +345,7 @@ def build_layouts_rank(setups: Sequence[TknpSetup]) -> list[RankReport]:
 
     reports = []
     for setup in setups:
-        reports.append(demo_rank(setup, [[] for _ in range(setup.data_parallel_size)]))
+        reports.append(demo_rank(setup, make_requests([], 1).split(setup.data_parallel_size)))
         destroy_model_parallel()
     return reports
 
@@ -321,18 +366,22 @@ def format_memory(layouts: Sequence[MeasuredLayout]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args, setup = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m hybridpar.tknp.cli") -> int:
+    args, setup = parse_args(argv, prog=prog)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.compare_memory:
-        world = parallel_config(args).world_size
-        budget = setup.memory_budget_bytes or 2_000_000
-        print(format_memory(measure_memory(setup.model_name, world, budget, setup.tensor_parallel_size,
-                                           setup.max_seq_len, args.force_cpu)))
-        return 0
-    result = run_demo(setup.model_name, setup.tensor_parallel_size, setup.token_parallel_size,
-                      args.enable_token_parallel, setup.data_parallel_size, args.prompts or DEFAULT_PROMPTS,
-                      args.max_new_tokens, setup.memory_budget_bytes, setup.max_seq_len, setup.dtype, args.force_cpu)
+    try:
+        if args.compare_memory:
+            world = parallel_config(args).world_size
+            budget = setup.memory_budget_bytes or 16_000_000
+            print(format_memory(measure_memory(setup.model_name, world, budget, setup.tensor_parallel_size,
+                                               setup.max_seq_len, args.force_cpu)))
+            return 0
+        result = run_demo(setup.model_name, setup.tensor_parallel_size, setup.token_parallel_size,
+                          args.enable_token_parallel, setup.data_parallel_size, args.prompts or DEFAULT_PROMPTS,
+                          args.max_new_tokens, setup.memory_budget_bytes, setup.max_seq_len, setup.dtype,
+                          args.force_cpu)
+    except CONFIG_ERRORS as exc:  # raised in this process, before any rank started
+        config_error(prog, exc)
     print(format_demo(result))
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -41,13 +41,16 @@ from hybridpar.roofline import ModelShape, format_bytes, kv_bytes_per_token, wei
 ROLES = ("tp", "dp", "tknp-root", "tknp-attention")
 
 
-def rank_kv_tokens(budget_bytes: int, param_bytes: int, bytes_per_token: int, granularity: int = 1) -> int:
+def rank_kv_tokens(budget_bytes: int, param_bytes: int, bytes_per_token: int, granularity: int = 1,
+                   reserved_tokens: int = 0) -> int:
     """KV tokens a rank can hold: ``(budget - params) // bytes_per_token``, rounded down to a multiple
-    of ``granularity`` (a page, or a contiguous cache row); 0 when the weights alone exceed the budget."""
-    if bytes_per_token <= 0 or granularity < 1:
-        raise ValueError(f"bytes_per_token must be > 0 and granularity >= 1, got {bytes_per_token}, {granularity}")
+    of ``granularity`` (a page, or a contiguous cache row), less ``reserved_tokens`` that are paid for
+    but never handed out (a paged pool's page 0); 0 when the weights alone exceed the budget."""
+    if bytes_per_token <= 0 or granularity < 1 or reserved_tokens < 0:
+        raise ValueError(f"bytes_per_token must be > 0, granularity >= 1 and reserved_tokens >= 0, got "
+                         f"{bytes_per_token}, {granularity}, {reserved_tokens}")
     tokens = max(budget_bytes - param_bytes, 0) // bytes_per_token
-    return tokens // granularity * granularity
+    return max(tokens // granularity * granularity - reserved_tokens, 0)
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,16 @@ class MemoryPlan:
 
 def plan_memory(shape: ModelShape, budget_bytes: int, tensor_parallel_size: int = 1,
                 token_parallel_size: int = 1, data_parallel_size: int = 1, bytes_per_param: float = 2,
-                bytes_per_elem: float = 2, param_bytes: int | None = None, granularity: int = 1) -> MemoryPlan:
+                bytes_per_elem: float = 2, param_bytes: int | None = None, granularity: int = 1,
+                reserved_tokens: int = 0) -> MemoryPlan:
     """Per-rank weights and KV capacity of one deployment (rank order of ``compute_layout``).
 
     ``param_bytes`` overrides the weight bytes of one TP-``t`` rank (e.g. measured on a real model,
     or :func:`decoder_param_bytes`); by default :func:`hybridpar.roofline.weight_bytes`.
-    ``granularity``: KV capacity is counted in whole pages / cache rows of this many tokens.
+    ``granularity``: KV capacity is counted in whole pages / cache rows of this many tokens;
+    ``reserved_tokens``: of which this many per rank are never handed out (the engine's paged pools:
+    ``granularity=page_size, reserved_tokens=page_size``, as
+    :func:`~hybridpar.radix.mem_pool.max_tokens_for_budget` sizes them).
     """
     tp, tknp, dp = tensor_parallel_size, token_parallel_size, data_parallel_size
     label = "x".join(f"{n}{s}" for n, s in (("TP", tp), ("DP", dp), ("TKNP", tknp)) if s > 1) or "TP1"
@@ -132,7 +139,7 @@ def plan_memory(shape: ModelShape, budget_bytes: int, tensor_parallel_size: int 
         else:
             role, held = ("dp" if dp > 1 else "tp"), weights
         ranks.append(RankMemory(rank, role, held, per_token, rank_kv_tokens(budget_bytes, held, per_token,
-                                                                            granularity)))
+                                                                            granularity, reserved_tokens)))
     owners = tuple(tuple(g) for g in layout.groups["tp"])
     return MemoryPlan(label, tp, dp, tknp, budget_bytes, tuple(ranks), owners)
 

@@ -1,38 +1,36 @@
-"""Bringing up one rank of a TP x TKNP deployment: a root with the model, or an attention worker.
+"""Bringing up one rank of a TP x TKNP deployment: a root with the model and a scheduler, or an attention worker.
 
-Inside a rank (started by ``hybridpar.launch`` or torchrun) after
-``initialize_model_parallel(tensor_parallel_size=t, token_parallel_size=k)``:
+Inside a rank (started by ``hybridpar.launch``, :class:`hybridpar.LLM` or torchrun), for a
+:class:`TknpSetup`:
 
-* a **root** (TKNP rank 0) loads its TP shard of the checkpoint, sizes its own KV cache with
-  what its memory budget leaves after the weights, and wraps that cache in a
-  :class:`~hybridpar.tknp.attention.TokenParallelAttention` over its TKNP group;
-* a **worker** (TKNP rank > 0) reads only ``config.json``, sizes its KV cache with its whole
-  budget and becomes an :class:`~hybridpar.tknp.worker.AttentionWorker`.
-
-:func:`serve` does the rest for scripts: the root runs workloads through a
-:class:`~hybridpar.tknp.engine.TknpEngine`, then releases the workers, and every rank returns a
-:class:`RankReport` (weights held, KV capacity, what it did).
-
-RadixAttention serving uses the paged variants: roots build a
-:class:`~hybridpar.tknp.radix_scheduler.TknpScheduler` with :func:`build_tknp_scheduler` (add
-requests, ``process_requests()``, ``shutdown()``), workers build :func:`build_paged_worker` and
-call ``serve()``::
+* a **root** (TKNP rank 0) loads its TP shard of the checkpoint and builds the engine's scheduler
+  with :func:`build_scheduler`: a :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler` (a paged
+  pool and a radix tree per TKNP rank) under token parallelism, else a
+  :class:`~hybridpar.radix.scheduler.TPScheduler` (TP, or one DP replica). Its own pool gets what
+  its memory budget leaves after the weights;
+* a **worker** (TKNP rank > 0) reads only ``config.json``, gives its whole budget to a paged pool
+  and becomes an :class:`~hybridpar.tknp.worker.AttentionWorker` (:func:`build_paged_worker`)::
 
     if is_tknp_root():
-        sched = build_tknp_scheduler(setup, page_size=16)
+        sched = build_scheduler(setup, page_size=16)
         sched.add_request(prompt_ids, max_new_tokens=32)
         results = sched.process_requests()
         sched.shutdown()
     else:
         build_paged_worker(setup, page_size=16).serve()
 
-Memory model: each rank has ``memory_budget_bytes`` for weights + KV (think: one GPU). Without a
-budget every rank gets ``max_requests_per_rank`` rows. A contiguous cache row holds
-``max_seq_len`` tokens, so capacity comes in rows.
+:class:`hybridpar.engine.EngineWorker` (behind :class:`hybridpar.LLM`) builds its TKNP ranks the
+same way; the command line (:mod:`hybridpar.tknp.cli`) and the check (:mod:`hybridpar.tknp.verify`)
+call these functions directly, because they report what each rank holds.
+
+Memory model: each rank has ``memory_budget_bytes`` for weights + KV (think: one GPU), counted
+in whole pages, page 0 reserved (:func:`~hybridpar.radix.mem_pool.max_tokens_for_budget`). Without
+a budget every rank's pool holds ``max_requests_per_rank`` requests of ``max_seq_len`` tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,18 +47,23 @@ from hybridpar.distributed.parallel_state import (
     initialize_model_parallel,
     model_parallel_is_initialized,
 )
-from hybridpar.models.attention_backend import ContiguousKVCache
-from hybridpar.radix.mem_pool import kv_bytes_per_token, max_tokens_for_budget
-from hybridpar.tknp.attention import AttentionGeometry, KVCapacity, TokenParallelAttention
-from hybridpar.tknp.engine import Request, RequestOutput, TknpEngine
-from hybridpar.tknp.memory import rank_kv_tokens
+from hybridpar.models.sampling import SamplingParams
+from hybridpar.radix.mem_pool import max_tokens_for_budget
+from hybridpar.radix.scheduler import TPScheduler
+from hybridpar.tknp.attention import AttentionGeometry, KVCapacity
+from hybridpar.tknp.memory import MemoryPlan, decoder_param_bytes, plan_memory, shape_of
 from hybridpar.tknp.radix_scheduler import TknpScheduler, build_paged_worker_backend
 from hybridpar.tknp.worker import AttentionWorker
 
 
 @dataclass(frozen=True, kw_only=True)
 class TknpSetup:
-    """How to build every rank (picklable: passed to ``launch``). Keyword arguments only."""
+    """How to build every rank (picklable: passed to ``launch``). Keyword arguments only.
+
+    ``max_seq_len``: the longest request (prompt + new tokens), the length of a pool row.
+    ``max_requests_per_rank``: requests one pool serves at once (its rows); without a budget the
+    pool holds ``max_requests_per_rank * max_seq_len`` tokens.
+    """
 
     model_name: str | None = None
     tensor_parallel_size: int = 1
@@ -68,7 +71,7 @@ class TknpSetup:
     data_parallel_size: int = 1  # independent TP replicas (only without TKNP)
     memory_budget_bytes: int | None = None  # per rank, weights + KV
     max_seq_len: int = 128
-    max_requests_per_rank: int = 8  # cache rows per rank when there is no budget
+    max_requests_per_rank: int = 8
     dtype: str = "float32"
 
     @property
@@ -78,18 +81,38 @@ class TknpSetup:
         return parse_dtype(self.dtype)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Workload:
-    """Requests to serve in one engine run (a scenario)."""
+    """Requests served together: prompt token ids, their sampling parameters, and the scheduler step
+    at which each arrives (``TPScheduler.add_request``'s arguments)."""
 
     name: str
-    requests: list[Request]
-    return_logits: bool = False
+    prompts: list[list[int]]
+    sampling: list[SamplingParams]
+    arrival_steps: list[int]
+
+    def __post_init__(self) -> None:
+        if not len(self.prompts) == len(self.sampling) == len(self.arrival_steps):
+            raise ValueError(f"workload {self.name!r}: {len(self.prompts)} prompts, {len(self.sampling)} sampling "
+                             f"parameters and {len(self.arrival_steps)} arrival steps; give one of each per request")
+
+    def split(self, replicas: int) -> list[Workload]:
+        """Round-robin shares of ``replicas`` data-parallel replicas (request ``i`` to replica ``i % replicas``)."""
+        return [Workload(self.name, self.prompts[d::replicas], self.sampling[d::replicas], self.arrival_steps[d::replicas])
+                for d in range(replicas)]
 
 
 @dataclass
 class RankReport:
-    """What one rank holds and did (returned to the parent by :func:`serve`)."""
+    """What one rank holds and did (the command line's per-rank table, :mod:`hybridpar.tknp.cli`).
+
+    ``capacity``: this rank's KV pool; ``capacities``: every rank of its TKNP group (its own alone
+    without token parallelism). ``attended_tokens``: new tokens this rank ran attention for (a root
+    for the requests placed on its TKNP rank, a TP or DP rank for all of its replica's).
+    ``outputs`` (every root): the generated token ids of each request. The leading root of each
+    replica also has ``placement`` (the TKNP rank whose pool held each request), ``logits`` (what
+    each token was sampled from) and ``passes`` (every forward pass, :class:`PassRecord`).
+    """
 
     rank: int
     tp_rank: int
@@ -98,9 +121,12 @@ class RankReport:
     param_bytes: int  # bytes of nn.Parameters of the model on this rank
     parameter_objects: int  # nn.Parameter objects alive in this process (0 on a worker)
     capacity: KVCapacity
-    capacities: list[KVCapacity] = field(default_factory=list)  # every rank of the TKNP group
-    outputs: dict[str, list[RequestOutput]] = field(default_factory=dict)  # roots: per workload
-    history: dict[str, list[Any]] = field(default_factory=dict)  # roots: per-step records
+    capacities: list[KVCapacity] = field(default_factory=list)
+    attended_tokens: int = 0
+    outputs: list[list[int]] = field(default_factory=list)
+    placement: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor | None] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
     worker_stats: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,15 +137,6 @@ def parameter_objects_alive() -> int:
     """Number of ``nn.Parameter`` objects alive in this process (after a garbage collection)."""
     gc.collect()
     return sum(1 for obj in gc.get_objects() if issubclass(type(obj), nn.Parameter))
-
-
-def cache_rows(setup: TknpSetup, geometry: AttentionGeometry, param_bytes: int) -> int:
-    """Rows of ``max_seq_len`` tokens this rank's KV cache gets (from its budget left after weights)."""
-    if setup.memory_budget_bytes is None:
-        return setup.max_requests_per_rank
-    per_token = kv_bytes_per_token(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.dtype)
-    tokens = rank_kv_tokens(setup.memory_budget_bytes, param_bytes, per_token, granularity=setup.max_seq_len)
-    return tokens // setup.max_seq_len
 
 
 def ensure_groups(setup: TknpSetup) -> None:
@@ -135,52 +152,6 @@ def ensure_groups(setup: TknpSetup) -> None:
                          f"call destroy_model_parallel() first or build the setup with the same sizes")
 
 
-class TknpRoot:
-    """The model, tokenizer and token-parallel attention of a root rank."""
-
-    def __init__(self, setup: TknpSetup) -> None:
-        from hybridpar.models.model_wrapper import TPRadixAttentionModelWrapper
-
-        ensure_groups(setup)
-        self.setup = setup
-        self.wrapper = TPRadixAttentionModelWrapper(setup.model_name, dtype=setup.torch_dtype, tp_group=get_tp_group())
-        self.model = self.wrapper.model
-        self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        tp = get_tp_group()
-        self.geometry = AttentionGeometry.from_config(self.model.config, tp.world_size, tp.rank_in_group,
-                                                      setup.torch_dtype)
-        rows = cache_rows(setup, self.geometry, self.param_bytes)
-        cache = ContiguousKVCache(self.geometry.num_layers, self.geometry.num_kv_heads, self.geometry.head_dim,
-                                  rows, setup.max_seq_len, dtype=setup.torch_dtype, device=self.wrapper.device)
-        self.attn = TokenParallelAttention(cache, get_tknp_group(), self.geometry, self.param_bytes)
-
-    def engine(self, return_logits: bool = False) -> TknpEngine:
-        return TknpEngine(self.model, self.attn, return_logits=return_logits)
-
-    def shutdown(self) -> None:
-        self.attn.shutdown()
-
-
-def build_worker(setup: TknpSetup) -> AttentionWorker:
-    """An attention worker for this (non-root) rank: config.json only, the whole budget for KV.
-
-    The shape comes from ``config.json`` as plain JSON (:class:`~hybridpar.roofline.ModelShape`):
-    a worker imports neither transformers nor the model code's weights path.
-    """
-    from hybridpar.models.default_checkpoint import resolve_model
-    from hybridpar.roofline import ModelShape
-
-    ensure_groups(setup)
-    config = ModelShape.from_hf_config(resolve_model(setup.model_name) / "config.json")
-    tp = get_tp_group()
-    geometry = AttentionGeometry.from_config(config, tp.world_size, tp.rank_in_group, setup.torch_dtype)
-    device = current_device()
-    cache = ContiguousKVCache(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim,
-                              cache_rows(setup, geometry, 0), setup.max_seq_len, dtype=setup.torch_dtype,
-                              device=device)
-    return AttentionWorker(cache, geometry, get_tknp_group(), device)
-
-
 def paged_pool_tokens(setup: TknpSetup, geometry: AttentionGeometry, param_bytes: int, page_size: int) -> int:
     """Tokens of this rank's paged KV pool: what its budget holds after its weights (whole pages, page 0
     reserved), or ``max_requests_per_rank * max_seq_len`` without a budget."""
@@ -190,11 +161,77 @@ def paged_pool_tokens(setup: TknpSetup, geometry: AttentionGeometry, param_bytes
                                  geometry.num_kv_heads, geometry.head_dim, geometry.dtype, page_size)
 
 
-def build_tknp_scheduler(setup: TknpSetup, page_size: int = 16, **server_args: Any) -> TknpScheduler:
-    """A root's :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`: paged pool + radix tree per TKNP rank.
+@dataclass(frozen=True)
+class PassRecord:
+    """One forward pass as the leading root planned it: request ids, the TKNP rank, cached and new
+    tokens and pool row of each (TKNP rank 0 for everything without token parallelism)."""
 
-    ``server_args`` override :class:`~hybridpar.radix.server_args.ServerArgs` fields (e.g.
-    ``disable_radix_cache=True``); the pool size, rows and context come from ``setup``.
+    rids: list[int]
+    tknp_ranks: list[int]
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    rows: list[int]
+
+    def per_rank(self, num_ranks: int) -> tuple[list[int], list[int], list[int]]:
+        """Requests, new tokens and KV tokens (cached + new) of each TKNP rank in this pass."""
+        reqs, new, kv = [0] * num_ranks, [0] * num_ranks, [0] * num_ranks
+        for r, p, n in zip(self.tknp_ranks, self.prefix_lens, self.extend_lens):
+            reqs[r], new[r], kv[r] = reqs[r] + 1, new[r] + n, kv[r] + p + n
+        return reqs, new, kv
+
+
+class RecordingScheduler:
+    """Mixin for :class:`TPScheduler` or :class:`TknpScheduler` (:func:`recording`): the leader keeps a
+    :class:`PassRecord` of every pass in ``pass_log`` and, in ``sampled_logits[rid]``, the full-vocabulary
+    logits (fp32, CPU) every token of request ``rid`` was sampled from. Serving is unchanged."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pass_log: list[PassRecord] = []
+        self.sampled_logits: dict[int, list[torch.Tensor]] = {}
+
+    def _process_batch_result(self, plan: Any, logits: torch.Tensor | None, results: dict) -> None:
+        ranks = getattr(plan, "tknp_ranks", None) or [0] * len(plan.rids)
+        self.pass_log.append(PassRecord(list(plan.rids), list(ranks), list(plan.prefix_lens), list(plan.extend_lens),
+                                        list(plan.req_pool_indices)))
+        if logits is not None:
+            for j, row in enumerate(plan.sample_rows):
+                self.sampled_logits.setdefault(plan.rids[row], []).append(logits[j].float().cpu())
+        super()._process_batch_result(plan, logits, results)  # type: ignore[misc]
+
+
+@functools.cache
+def recording(cls: type[TPScheduler]) -> type[TPScheduler]:
+    """``cls`` with :class:`RecordingScheduler` mixed in."""
+    return type(f"Recording{cls.__name__}", (RecordingScheduler, cls), {})
+
+
+def serve_workload(sched: Any, workload: Workload) -> dict[str, Any]:
+    """Serve ``workload`` on a recording scheduler (every root, same call). Per request: its id, tokens,
+    finish reason, cached prompt tokens, TKNP rank and (leader) logits; ``passes``: the leader's passes
+    of this run."""
+    first = len(sched.pass_log)
+    rids = [sched.add_request(list(ids), sampling=sp, arrival_step=a)
+            for ids, sp, a in zip(workload.prompts, workload.sampling, workload.arrival_steps)]
+    results = sched.process_requests()
+    placement = getattr(sched, "placement", {})
+    requests = []
+    for rid in rids:
+        res, logits = results[rid], sched.sampled_logits.pop(rid, None)
+        requests.append({"rid": rid, "tokens": list(res.output_ids), "reason": res.finish_reason, "cached": res.cached_tokens,
+                         "rank": placement.get(rid, 0), "logits": None if logits is None else torch.stack(logits)})
+    return {"requests": requests, "passes": sched.pass_log[first:]}
+
+
+def build_scheduler(setup: TknpSetup, page_size: int = 16, record: bool = False, **server_args: Any) -> TPScheduler:
+    """This root's scheduler over its TP shard of the model (every root of a TP group, same arguments).
+
+    A :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler` over this rank's TKNP group when
+    ``setup.token_parallel_size > 1`` (building it meets the group's workers), else a
+    :class:`~hybridpar.radix.scheduler.TPScheduler`. The pool size, rows and context come from
+    ``setup`` (:func:`paged_pool_tokens`); ``server_args`` override other
+    :class:`~hybridpar.config.ServerArgs` fields (e.g. ``disable_radix_cache=True``).
+    ``record``: mix in :class:`RecordingScheduler` (the leader logs every pass and its logits).
     """
     from hybridpar.models.model_wrapper import TPRadixAttentionModelWrapper
 
@@ -203,14 +240,31 @@ def build_tknp_scheduler(setup: TknpSetup, page_size: int = 16, **server_args: A
     wrapper = TPRadixAttentionModelWrapper(setup.model_name, dtype=setup.torch_dtype, tp_group=tp, page_size=page_size)
     param_bytes = sum(p.numel() * p.element_size() for p in wrapper.model.parameters())
     geometry = AttentionGeometry.from_config(wrapper.config, tp.world_size, tp.rank_in_group, setup.torch_dtype)
-    tokens = paged_pool_tokens(setup, geometry, param_bytes, page_size)
-    return TknpScheduler(wrapper, get_tknp_group(), max_total_tokens=tokens,
-                         max_running_requests=setup.max_requests_per_rank, max_context_len=setup.max_seq_len,
-                         **server_args)
+    sizes = dict(max_total_tokens=paged_pool_tokens(setup, geometry, param_bytes, page_size),
+                 max_running_requests=setup.max_requests_per_rank, max_context_len=setup.max_seq_len)
+    if setup.token_parallel_size > 1:
+        cls = recording(TknpScheduler) if record else TknpScheduler
+        return cls(wrapper, get_tknp_group(), **sizes, **server_args)
+    return (recording(TPScheduler) if record else TPScheduler)(wrapper, **sizes, **server_args)
+
+
+def build_tknp_scheduler(setup: TknpSetup, page_size: int = 16, **server_args: Any) -> TknpScheduler:
+    """A root's :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`: paged pool + radix tree per TKNP rank
+    (:func:`build_scheduler` under token parallelism)."""
+    if setup.token_parallel_size < 2:
+        raise ValueError(f"a TknpScheduler needs token_parallel_size >= 2, got {setup.token_parallel_size}; "
+                         f"use build_scheduler for TP alone")
+    sched = build_scheduler(setup, page_size, **server_args)
+    assert isinstance(sched, TknpScheduler)
+    return sched
 
 
 def build_paged_worker(setup: TknpSetup, page_size: int = 16) -> AttentionWorker:
-    """A worker with a paged pool (for a root running :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`)."""
+    """An attention worker (a non-root TKNP rank) with a paged pool, for a root running a TknpScheduler.
+
+    The shape comes from ``config.json`` as plain JSON (:class:`~hybridpar.roofline.ModelShape`):
+    a worker imports neither transformers nor the model code's weights path.
+    """
     from hybridpar.models.default_checkpoint import resolve_model
     from hybridpar.roofline import ModelShape
 
@@ -224,25 +278,52 @@ def build_paged_worker(setup: TknpSetup, page_size: int = 16) -> AttentionWorker
     return AttentionWorker(backend, geometry, get_tknp_group(), device, mirror=mirror)
 
 
-def serve(setup: TknpSetup, workloads: Sequence[Workload]) -> RankReport:
-    """Run on every rank: roots serve ``workloads`` in order, workers serve attention until released."""
+def predicted_plan(setup: TknpSetup, page_size: int = 16) -> MemoryPlan:
+    """What :func:`hybridpar.tknp.memory.plan_memory` predicts for ``setup``'s ranks: weights, and KV pools
+    in whole pages with page 0 reserved (as the engine sizes them)."""
+    from hybridpar.models.config import ModelConfig
+    from hybridpar.models.default_checkpoint import resolve_model
+
+    config = ModelConfig.from_pretrained(resolve_model(setup.model_name))
+    size = torch.empty((), dtype=setup.torch_dtype).element_size()
+    return plan_memory(shape_of(config), setup.memory_budget_bytes or 0, tensor_parallel_size=setup.tensor_parallel_size,
+                       token_parallel_size=setup.token_parallel_size, data_parallel_size=setup.data_parallel_size,
+                       bytes_per_param=size, bytes_per_elem=size, granularity=page_size, reserved_tokens=page_size,
+                       param_bytes=decoder_param_bytes(config, setup.tensor_parallel_size, size))
+
+
+def demo_rank(setup: TknpSetup, per_replica: Sequence[Workload], page_size: int = 16) -> RankReport:
+    """Every rank: build it as the engine does and serve this DP replica's workload (``per_replica[0]``
+    without DP); a TKNP worker attends until its root releases it. Returns what the rank holds and did."""
+    import torch.distributed as dist
+
+    from hybridpar.distributed.communication_op import broadcast_object
+    from hybridpar.distributed.parallel_state import get_dp_group
+    from hybridpar.tknp.attention import capacity_of
+
     ensure_groups(setup)
     tknp, tp = get_tknp_group(), get_tp_group()
-    base = dict(rank=tknp.rank, tp_rank=tp.rank_in_group, tknp_rank=tknp.rank_in_group)
-    if tknp.is_first_rank:
-        root = TknpRoot(setup)
-        report = RankReport(**base, role="root", param_bytes=root.param_bytes, parameter_objects=0,
-                            capacity=root.attn.capacities[0], capacities=list(root.attn.capacities))
-        try:
-            for workload in workloads:
-                engine = root.engine(workload.return_logits)
-                report.outputs[workload.name] = engine.run(workload.requests)
-                report.history[workload.name] = engine.history
-        finally:
-            root.shutdown()
-        report.parameter_objects = parameter_objects_alive()
-        return report
-    worker = build_worker(setup)
-    stats = worker.serve()
-    return RankReport(**base, role="attention", param_bytes=0, parameter_objects=parameter_objects_alive(),
-                      capacity=worker.capacity, capacities=list(worker.capacities), worker_stats=stats.to_dict())
+    base = dict(rank=dist.get_rank(), tp_rank=tp.rank_in_group, tknp_rank=tknp.rank_in_group)
+    if not tknp.is_first_rank:
+        worker = build_paged_worker(setup, page_size)
+        stats = worker.serve()
+        return RankReport(**base, role="attention", param_bytes=0, parameter_objects=parameter_objects_alive(),
+                          capacity=worker.capacity, capacities=list(worker.capacities),
+                          attended_tokens=stats.new_tokens, worker_stats=stats.to_dict())
+    sched = build_scheduler(setup, page_size, record=True)
+    param_bytes = sum(p.numel() * p.element_size() for p in sched.model.parameters())
+    capacities = list(getattr(sched, "capacities", [capacity_of(sched.backend, param_bytes)]))
+    try:
+        run = serve_workload(sched, per_replica[get_dp_group().rank_in_group])
+    finally:
+        if isinstance(sched, TknpScheduler):
+            sched.shutdown()  # its attention workers return
+    # the leader logged the passes; this root attended for the new tokens placed on its TKNP rank (0)
+    attended = sum(n for p in run["passes"] for r, n in zip(p.tknp_ranks, p.extend_lens) if r == 0)
+    if tp.world_size > 1:
+        attended = broadcast_object(attended, src=0, group=tp)
+    reqs = run["requests"]
+    return RankReport(**base, role="root", param_bytes=param_bytes, parameter_objects=parameter_objects_alive(),
+                      capacity=capacities[0], capacities=capacities, attended_tokens=attended,
+                      outputs=[o["tokens"] for o in reqs], placement=[o["rank"] for o in reqs] if sched.is_leader else [],
+                      logits=[o["logits"] for o in reqs], passes=run["passes"])

@@ -1,20 +1,26 @@
-"""Correctness of token parallelism: TKNP against TP-only (TP 1 when tp=1) and transformers.
+"""Correctness of token parallelism: TKNP against TP alone and transformers, on the engine's own schedulers.
 
     python -m hybridpar.tknp.verify --token-parallel-size 2                 # 2 ranks, NCCL if 2 GPUs
     python -m hybridpar.tknp.verify --tensor-parallel-size 2 --token-parallel-size 2 --backend gloo
 
-Every rank is started by ``hybridpar.launch``. The roots serve two workloads with token
-parallelism (a batch of prompts of different lengths, and requests that join and finish
-mid-run), release the workers, then serve the same workloads again with token parallelism
-disabled (one local cache, fewer rows, so some requests wait): the TP-only reference. Then the
-same with RadixAttention: :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler` (a paged pool
-and a radix tree per TKNP rank) on a shared-prefix workload, against a plain TPScheduler; the
-workers' mirror pools must equal the root's bookkeeping. The parent compares tokens (and, for
-the contiguous engine, logits) of the two, and with transformers' model on the same checkpoint
-(same dtype, CPU), then prints a table and one JSON line (``{"ok": ..., ...}``). Exit status 0 when
-everything matches: identical greedy tokens everywhere, and logits within ``--atol`` (fp32) or,
-with ``--dtype bf16``/``fp16``, within the TP model's low-precision tolerance (relative L2 error
-per position <= :data:`~hybridpar.models.verify.LOW_PRECISION_RTOL`).
+Every rank is started by ``hybridpar.launch`` and built as the engine builds it
+(:mod:`hybridpar.tknp.runner`): the roots run a :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`
+(a paged pool and a radix tree per TKNP rank), the other ranks an attention worker. The roots serve
+the workloads of :func:`default_workloads` in turn on that one scheduler: prompts of different
+lengths, requests that join and finish mid-run, then prompts sharing system prefixes twice (the
+second time arriving over time, and hitting what the first run left in each rank's radix tree).
+Then they release the workers and serve the same workloads with token parallelism off: a plain
+:class:`~hybridpar.radix.scheduler.TPScheduler` that runs at most 3 requests at a time (so some
+wait), the TP-only reference, and a ``TknpScheduler`` without a group, which must serve exactly
+like it. The leading root records the logits it sampled every token from
+(:class:`~hybridpar.tknp.runner.RecordingScheduler`).
+
+The parent compares tokens and logits of the two, and with transformers' model on the same
+checkpoint (same dtype, CPU); each worker's mirror pools must equal the root's bookkeeping of its
+rank, and no worker may hold an ``nn.Parameter``. It prints a table and one JSON line
+(``{"ok": ..., ...}``). Exit status 0 when everything matches: identical greedy tokens everywhere,
+and logits within ``--atol`` (fp32) or, with ``--dtype bf16``/``fp16``, within the TP model's
+low-precision tolerance (relative L2 error per position <= :data:`~hybridpar.models.verify.LOW_PRECISION_RTOL`).
 
     python -m hybridpar.tknp.verify --tensor-parallel-size 2 --token-parallel-size 2 --dtype bf16  # 4 GPUs
 """
@@ -37,133 +43,94 @@ import torch
 from hybridpar.distributed.launcher import BACKENDS, launch
 from hybridpar.distributed.parallel_state import is_tknp_root
 from hybridpar.models.sampling import SamplingParams
-from hybridpar.tknp.attention import TokenParallelAttention
-from hybridpar.tknp.engine import Request, RequestOutput, TknpEngine
-from hybridpar.tknp.runner import TknpRoot, TknpSetup, Workload, build_worker, ensure_groups, parameter_objects_alive
+from hybridpar.radix.scheduler import TPScheduler
+from hybridpar.tknp.radix_scheduler import TknpScheduler
+from hybridpar.tknp.runner import (
+    TknpSetup,
+    Workload,
+    build_paged_worker,
+    build_scheduler,
+    ensure_groups,
+    parameter_objects_alive,
+    recording,
+    serve_workload,
+)
 
 DEFAULT_MODELS = ("qwen2-tiny", "llama-tiny")
 
 
 def default_workloads(seed: int = 7, vocab: int = 256) -> list[Workload]:
-    """A ragged batch (prompts of 1..20 tokens) and a workload whose requests join and leave mid-run."""
+    """A ragged batch (prompts of 1..20 tokens), requests that join and leave mid-run (request 1 may stop
+    early on EOS), and 2 groups x 3 prompts sharing a 24-token system prompt, served twice: all at once,
+    then arriving over 6 steps (the second run hits the first run's prefixes)."""
+    from hybridpar.radix.workload import SharedPrefixWorkload
+
     rng = random.Random(seed)
 
     def prompt(n: int) -> list[int]:
         return [rng.randrange(0, vocab) for _ in range(n)]
 
-    greedy = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    ragged = [Request(prompt(n), greedy) for n in (1, 3, 7, 12, 20)]
-    # (prompt length, arrival step, max_new_tokens); request 1 may also stop early on EOS
-    shape = [(5, 0, 3), (9, 0, 7), (2, 1, 2), (15, 3, 5), (4, 4, 4), (8, 6, 3)]
-    joining = [Request(prompt(n), SamplingParams(max_new_tokens=m, ignore_eos=i != 1), a)
-               for i, (n, a, m) in enumerate(shape)]
-    return [Workload("ragged", ragged, return_logits=True), Workload("joining", joining, return_logits=True)]
+    lengths = (1, 3, 7, 12, 20)
+    ragged = Workload("ragged", [prompt(n) for n in lengths],
+                      [SamplingParams(max_new_tokens=5, ignore_eos=True)] * len(lengths), [0] * len(lengths))
+    shape = [(5, 0, 3), (9, 0, 7), (2, 1, 2), (15, 3, 5), (4, 4, 4), (8, 6, 3)]  # (prompt, arrival, max_new_tokens)
+    joining = Workload("joining", [prompt(n) for n, _, _ in shape],
+                       [SamplingParams(max_new_tokens=m, ignore_eos=i != 1) for i, (_, _, m) in enumerate(shape)],
+                       [a for _, a, _ in shape])
+    shared = SharedPrefixWorkload(num_groups=2, prompts_per_group=3, system_len=24, question_len=5, output_len=4,
+                                  vocab_size=vocab, seed=3).requests(shuffle=True)
+    prompts = [r.prompt_ids for r in shared]
+    sampling = [SamplingParams(max_new_tokens=2 + i % 4, ignore_eos=True) for i in range(len(prompts))]
+    return [ragged, joining, Workload("prefix", prompts, sampling, [0] * len(prompts)),
+            Workload("prefix-again", prompts, sampling, [0, 0, 1, 2, 4, 5])]
 
 
-def summarize(outputs: Sequence[RequestOutput]) -> list[dict[str, Any]]:
-    """Picklable per-request results (tokens, logits on the CPU, placement and timing)."""
-    return [{"tokens": o.token_ids, "logits": o.logits, "rank": o.tknp_rank, "admitted": o.admitted_step,
-             "finished": o.finished_step, "reason": o.finish_reason} for o in outputs]
-
-
-def verify_rank(setup: TknpSetup, workloads: Sequence[Workload], reference_rows: int = 3,
-                extra: Callable[[TknpRoot, Sequence[Workload]], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Every rank. Roots: TKNP runs, then TP-only reference runs (and ``extra(root, workloads)``);
-    workers: serve. Returns what the parent compares."""
+# --------------------------------------------------------------------------- ranks
+def verify_rank(setup: TknpSetup, workloads: Sequence[Workload], page_size: int = 8, reference_rows: int = 3,
+                extra: Callable[[TknpScheduler, Sequence[Workload]], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every rank (see the module docstring). Roots: the TKNP runs, the workers' release, the TP-only
+    runs (and ``extra(scheduler, workloads)``); workers: attention until released. Returns what the
+    parent compares."""
+    if setup.token_parallel_size < 2:
+        raise ValueError(f"verify_rank compares token parallelism with TP alone: token_parallel_size must be >= 2, "
+                         f"got {setup.token_parallel_size}")
     ensure_groups(setup)
-    if not is_tknp_root():
-        worker = build_worker(setup)
-        start = time.perf_counter()
-        stats = worker.serve()
-        return {"role": "attention", "capacity": worker.capacity, "capacities": worker.capacities,
-                "stats": stats.to_dict(), "parameter_objects": parameter_objects_alive(),
-                "seconds": time.perf_counter() - start}
-    root = TknpRoot(setup)
-    res: dict[str, Any] = {"role": "root", "param_bytes": root.param_bytes, "capacities": root.attn.capacities,
-                           "outputs": {}, "history": {}, "reference": {}}
     start = time.perf_counter()
-    try:
-        for w in workloads:
-            engine = root.engine(return_logits=w.return_logits)
-            res["outputs"][w.name] = summarize(engine.run(w.requests))
-            res["history"][w.name] = [(h.requests, h.new_tokens) for h in engine.history]
-    finally:
-        root.shutdown()
-    res["seconds"] = time.perf_counter() - start
-    plain = TokenParallelAttention(root.model.make_kv_cache(reference_rows, setup.max_seq_len), None, root.geometry)
-    for w in workloads:
-        res["reference"][w.name] = summarize(TknpEngine(root.model, plain, return_logits=w.return_logits)
-                                             .run(w.requests))
-    if extra is not None:
-        res.update(extra(root, workloads))
-    res["parameter_objects"] = parameter_objects_alive()
-    return res
-
-
-@dataclass(frozen=True)
-class PagedWorkload:
-    """Requests for the paged (RadixAttention) check: prompts sharing system prefixes, staggered arrivals."""
-
-    prompts: list[list[int]]
-    max_new_tokens: list[int]
-    arrival_steps: list[int]
-
-
-def default_paged_workload() -> PagedWorkload:
-    """2 groups x 3 prompts sharing a 24-token system prompt, 2..5 new tokens, arriving over 6 steps."""
-    from hybridpar.radix.workload import SharedPrefixWorkload
-
-    reqs = SharedPrefixWorkload(num_groups=2, prompts_per_group=3, system_len=24, question_len=5, output_len=4,
-                                seed=3).requests(shuffle=True)
-    return PagedWorkload([r.prompt_ids for r in reqs], [2 + i % 4 for i in range(len(reqs))], [0, 0, 1, 2, 4, 5])
-
-
-def verify_paged_rank(setup: TknpSetup, workload: PagedWorkload, page_size: int = 8) -> dict[str, Any]:
-    """Every rank. Roots serve ``workload`` twice with a :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`
-    (all at once, then arriving over time: the second run hits what the first left in each rank's radix
-    tree), release the workers, then serve it with a plain TPScheduler (the TP-only reference). Workers
-    attend on their paged pool and report their mirror's digest."""
-    from hybridpar.radix.scheduler import TPScheduler
-    from hybridpar.tknp.radix_scheduler import TknpScheduler
-    from hybridpar.tknp.runner import build_paged_worker, build_tknp_scheduler
-
-    def submit(sched: TPScheduler, arrivals: Sequence[int]) -> None:
-        for ids, n, a in zip(workload.prompts, workload.max_new_tokens, arrivals):
-            sched.add_request(ids, sampling=SamplingParams(max_new_tokens=n, ignore_eos=True), arrival_step=a)
-
-    ensure_groups(setup)
     if not is_tknp_root():
         worker = build_paged_worker(setup, page_size=page_size)
         stats = worker.serve()
-        return {"role": "attention", "stats": stats.to_dict(), "digest": worker.pool_digest(),
-                "capacity": worker.capacity, "parameter_objects": parameter_objects_alive()}
-    sched = build_tknp_scheduler(setup, page_size=page_size, debug_checks=True)
-    out: dict[str, Any] = {"role": "root", "capacities": sched.capacities, "pool_tokens": sched.allocator.size}
+        return {"role": "attention", "capacity": worker.capacity, "capacities": worker.capacities,
+                "stats": stats.to_dict(), "digest": worker.pool_digest(),
+                "parameter_objects": parameter_objects_alive(), "seconds": time.perf_counter() - start}
+    sched = build_scheduler(setup, page_size, record=True, debug_checks=True)
+    res: dict[str, Any] = {"role": "root", "capacities": sched.capacities, "pool_tokens": sched.allocator.size,
+                           "param_bytes": sum(p.numel() * p.element_size() for p in sched.model.parameters()),
+                           "runs": {}, "reference": {}, "fallback": {}}
     try:
-        for name, arrivals in (("together", [0] * len(workload.prompts)), ("joining", workload.arrival_steps)):
-            submit(sched, arrivals)
-            res = sched.process_requests()
-            out[name] = {"outputs": [r.output_ids for r in res.values()], "cached": [r.cached_tokens for r in res.values()],
-                         "placement": [sched.placement.get(rid) for rid in res]}
-        out["digests"] = sched.rank_digests() if sched.is_leader else None
+        for w in workloads:
+            res["runs"][w.name] = serve_workload(sched, w)
+        res["digests"] = sched.rank_digests() if sched.is_leader else None
     finally:
         sched.shutdown()
-    plain = TPScheduler(sched.wrapper, max_total_tokens=4096, max_running_requests=len(workload.prompts))
-    submit(plain, workload.arrival_steps)
-    out["reference"] = [r.output_ids for r in plain.process_requests().values()]
-    alone = TknpScheduler(sched.wrapper, None, max_total_tokens=4096, max_running_requests=len(workload.prompts))
-    submit(alone, workload.arrival_steps)  # token parallelism off: must serve exactly like TPScheduler
-    out["fallback"] = [r.output_ids for r in alone.process_requests().values()]
-    out["parameter_objects"] = parameter_objects_alive()  # the root's model is still alive here
-    return out
+    res["seconds"] = time.perf_counter() - start
+    sizes = dict(max_total_tokens=4096, max_running_requests=reference_rows, max_context_len=setup.max_seq_len)
+    plain = recording(TPScheduler)(sched.wrapper, **sizes)
+    alone = recording(TknpScheduler)(sched.wrapper, None, **sizes)  # token parallelism off
+    for w in workloads:
+        res["reference"][w.name] = serve_workload(plain, w)
+        res["fallback"][w.name] = serve_workload(alone, w)
+    if extra is not None:
+        res.update(extra(sched, workloads))
+    res["parameter_objects"] = parameter_objects_alive()  # the root's model is still alive here
+    return res
 
 
 def _verify_models(models: Sequence[str], setup: TknpSetup, workloads: Sequence[Workload],
-                   paged: PagedWorkload) -> dict[str, Any]:
-    return {name: (verify_rank(replace(setup, model_name=name), workloads),
-                   verify_paged_rank(replace(setup, model_name=name), paged)) for name in models}
+                   page_size: int) -> dict[str, Any]:
+    return {name: verify_rank(replace(setup, model_name=name), workloads, page_size) for name in models}
 
 
+# --------------------------------------------------------------------------- the parent's checks
 @functools.cache
 def _hf_model(model_name: str | None, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
@@ -198,8 +165,9 @@ class CheckRow:
     request: int
     tknp_rank: int
     tokens: int
+    cached: int  # prompt tokens served from the rank's radix cache
     same_tokens_as_tp: bool
-    max_diff_tp: float | None  # None for the paged scheduler (it returns tokens only)
+    max_diff_tp: float
     same_tokens_as_hf: bool | None = None
     max_diff_hf: float | None = None
 
@@ -218,7 +186,7 @@ class VerifyResult:
         return {"ok": self.ok, "dtype": self.setup.dtype, "tensor_parallel_size": self.setup.tensor_parallel_size,
                 "token_parallel_size": self.setup.token_parallel_size, "backend": self.backend,
                 "requests": len(self.rows), "tokens_identical": all(r.same_tokens_as_tp for r in self.rows),
-                "max_abs_logit_diff_tp": max(r.max_diff_tp for r in self.rows if r.max_diff_tp is not None),
+                "max_abs_logit_diff_tp": max(r.max_diff_tp for r in self.rows),
                 "max_abs_logit_diff_hf": max(hf) if hf else None, "ranks": self.ranks,
                 "seconds": round(self.seconds, 2)}
 
@@ -234,8 +202,8 @@ def logit_error(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> flo
 
 def verify(models: Sequence[str] = DEFAULT_MODELS, tensor_parallel_size: int = 1, token_parallel_size: int = 2,
            backend: str = "auto", compare_hf: bool = True, atol: float = 1e-4, max_seq_len: int = 64,
-           timeout: float = 600.0, dtype: str = "float32") -> VerifyResult:
-    """Launch ``tp * tknp`` ranks, run TKNP and TP-only, compare (see the module docstring).
+           timeout: float = 600.0, dtype: str = "float32", page_size: int = 8) -> VerifyResult:
+    """Launch ``tp * tknp`` ranks, serve with TKNP and TP alone, compare (see the module docstring).
 
     ``atol`` applies in fp32; in bf16/fp16 logits are held to ``LOW_PRECISION_RTOL`` instead.
     """
@@ -246,86 +214,67 @@ def verify(models: Sequence[str] = DEFAULT_MODELS, tensor_parallel_size: int = 1
                       max_seq_len=max_seq_len, max_requests_per_rank=4, dtype=dtype)
     if setup.torch_dtype != torch.float32:
         atol = LOW_PRECISION_RTOL
-    workloads, paged = default_workloads(), default_paged_workload()
+    workloads = default_workloads()
     backend = resolve_backend(backend, tensor_parallel_size * token_parallel_size)
     check_models(models, tensor_parallel_size)
     start = time.perf_counter()
-    per_rank = launch(_verify_models, tensor_parallel_size * token_parallel_size, models, setup, workloads, paged,
+    per_rank = launch(_verify_models, tensor_parallel_size * token_parallel_size, models, setup, workloads, page_size,
                       backend=backend, timeout=timeout)
     result = VerifyResult(True, setup, backend, seconds=time.perf_counter() - start)
-    tp = tensor_parallel_size
     for name in models:
-        contiguous = [r[name][0] for r in per_rank]
-        radix = [r[name][1] for r in per_rank]
-        _check_contiguous(result, name, contiguous[:tp], workloads, compare_hf, atol, setup.torch_dtype)
-        _check_paged(result, name, radix, paged, tp, compare_hf, setup.torch_dtype)
-        for rank, (m, p) in enumerate(zip(contiguous, radix)):
-            worker = m["role"] == "attention"
-            result.ranks.append({"model": name, "rank": rank, "role": m["role"], "param_bytes": m.get("param_bytes", 0),
-                                 "kv_tokens": (m["capacity"] if worker else m["capacities"][0]).num_tokens,
-                                 "paged_kv_tokens": p["capacity"].num_tokens if worker else p["pool_tokens"],
-                                 "parameter_objects": m["parameter_objects"]})
-            result.ok &= not worker or (m["parameter_objects"] == 0 and p["parameter_objects"] == 0)
+        ranks = [r[name] for r in per_rank]
+        check_ranks(result, name, ranks, workloads, tensor_parallel_size, compare_hf, atol, setup.torch_dtype)
+        for rank, r in enumerate(ranks):
+            worker = r["role"] == "attention"
+            result.ranks.append({"model": name, "rank": rank, "role": r["role"], "param_bytes": r.get("param_bytes", 0),
+                                 "kv_tokens": (r["capacity"] if worker else r["capacities"][0]).num_tokens,
+                                 "parameter_objects": r["parameter_objects"]})
     return result
 
 
-def _check_contiguous(result: VerifyResult, name: str, roots: list[dict], workloads: Sequence[Workload],
-                      compare_hf: bool, atol: float, dtype: torch.dtype) -> None:
-    """TKNP engine vs the TP-only engine on the same roots (tokens + logits), and vs transformers."""
-    root = roots[0]
+def check_ranks(result: VerifyResult, name: str, ranks: list[dict], workloads: Sequence[Workload], tp: int,
+                compare_hf: bool, atol: float, dtype: torch.dtype) -> None:
+    """One deployment's ranks (roots first): TKNP vs TP alone on the same roots (tokens and logits), vs
+    transformers, the fallback vs TP alone, and the workers (mirrors equal the bookkeeping, no weights)."""
+    leader = ranks[0]
     for w in workloads:
-        for other in roots[1:]:  # every root of the TP group produced the same tokens
-            result.ok &= [o["tokens"] for o in other["outputs"][w.name]] == [o["tokens"] for o in root["outputs"][w.name]]
-        for i, (got, ref, req) in enumerate(zip(root["outputs"][w.name], root["reference"][w.name], w.requests)):
+        tokens = [o["tokens"] for o in leader["runs"][w.name]["requests"]]
+        reference = [o["tokens"] for o in leader["reference"][w.name]["requests"]]
+        result.ok &= all([o["tokens"] for o in r["runs"][w.name]["requests"]] == tokens for r in ranks[1:tp])
+        result.ok &= all([o["tokens"] for o in r["fallback"][w.name]["requests"]] == reference for r in ranks[:tp])
+        pairs = zip(leader["runs"][w.name]["requests"], leader["reference"][w.name]["requests"], w.prompts)
+        for i, (got, ref, prompt) in enumerate(pairs):
             same = got["tokens"] == ref["tokens"]
-            row = CheckRow(name, w.name, i, got["rank"], len(got["tokens"]), same,
+            row = CheckRow(name, w.name, i, got["rank"], len(got["tokens"]), got["cached"], same,
                            logit_error(got["logits"], ref["logits"], dtype) if same else float("inf"))
             if compare_hf:
-                hf = hf_logits(name, req.prompt_ids, got["tokens"], dtype)
+                hf = hf_logits(name, list(prompt), got["tokens"], dtype)
                 row.same_tokens_as_hf = hf.argmax(-1).tolist() == got["tokens"]
                 row.max_diff_hf = logit_error(got["logits"], hf, dtype)
             result.ok &= row.same_tokens_as_tp and row.max_diff_tp <= atol
             result.ok &= not compare_hf or (row.same_tokens_as_hf and row.max_diff_hf <= atol)
             result.rows.append(row)
-
-
-def _check_paged(result: VerifyResult, name: str, ranks: list[dict], paged: PagedWorkload, tp: int,
-                 compare_hf: bool, dtype: torch.dtype) -> None:
-    """TknpScheduler vs TPScheduler (tokens), vs transformers (argmax), and worker mirrors vs root bookkeeping."""
-    roots = ranks[:tp]
-    leader = roots[0]
-    result.ok &= all(r["fallback"] == r["reference"] for r in roots)
-    for run in ("together", "joining"):
-        result.ok &= all(r[run]["outputs"] == leader["reference"] for r in roots)
-        for i, (got, ref, prompt) in enumerate(zip(leader[run]["outputs"], leader["reference"], paged.prompts)):
-            row = CheckRow(name, f"radix-{run}", i, leader[run]["placement"][i], len(got), got == ref, None)
-            if compare_hf:
-                row.same_tokens_as_hf = hf_logits(name, prompt, got, dtype).argmax(-1).tolist() == got
-                result.ok &= row.same_tokens_as_hf
-            result.rows.append(row)
     for i, r in enumerate(ranks[tp:], start=tp):
-        result.ok &= r["digest"] == leader["digests"][i // tp]
+        result.ok &= r["digest"] == leader["digests"][i // tp] and r["parameter_objects"] == 0
 
 
 def format_result(result: VerifyResult) -> str:
     s = result.setup
-    tp_name = "TP 1" if s.tensor_parallel_size == 1 else f"TP {s.tensor_parallel_size}"
+    tp_name = f"TP {s.tensor_parallel_size}"
     err = "max|dlogit|" if s.torch_dtype == torch.float32 else "max rel err"
     lines = [f"TKNP {s.token_parallel_size} x TP {s.tensor_parallel_size} ({s.dtype}) on {result.backend} versus "
              f"{tp_name} (token parallelism off) and transformers ({s.dtype}, CPU)",
-             f"{'model':<12} {'workload':<14} {'req':>3} {'rank':>4} {'tokens':>6} {'same as TP':>10} "
+             f"{'model':<12} {'workload':<13} {'req':>3} {'rank':>4} {'tokens':>6} {'cached':>6} {'same as TP':>10} "
              f"{err + ' TP':>14} {'same as HF':>10} {err + ' HF':>14}"]
     for r in result.rows:
         hf_same = "-" if r.same_tokens_as_hf is None else ("yes" if r.same_tokens_as_hf else "NO")
         hf_diff = "-" if r.max_diff_hf is None else f"{r.max_diff_hf:.2e}"
-        tp_diff = "-" if r.max_diff_tp is None else f"{r.max_diff_tp:.2e}"
-        lines.append(f"{r.model:<12} {r.workload:<14} {r.request:>3} {r.tknp_rank:>4} {r.tokens:>6} "
-                     f"{'yes' if r.same_tokens_as_tp else 'NO':>10} {tp_diff:>14} {hf_same:>10} {hf_diff:>14}")
-    lines.append(f"{'model':<12} {'rank':>4} {'role':<10} {'weights (B)':>12} {'KV tokens':>10} {'paged KV':>9} "
-                 f"{'nn.Parameters':>13}")
+        lines.append(f"{r.model:<12} {r.workload:<13} {r.request:>3} {r.tknp_rank:>4} {r.tokens:>6} {r.cached:>6} "
+                     f"{'yes' if r.same_tokens_as_tp else 'NO':>10} {r.max_diff_tp:>14.2e} {hf_same:>10} {hf_diff:>14}")
+    lines.append(f"{'model':<12} {'rank':>4} {'role':<10} {'weights (B)':>12} {'KV tokens':>10} {'nn.Parameters':>13}")
     for r in result.ranks:
         lines.append(f"{r['model']:<12} {r['rank']:>4} {r['role']:<10} {r['param_bytes']:>12,} {r['kv_tokens']:>10,} "
-                     f"{r['paged_kv_tokens']:>9,} {r['parameter_objects']:>13}")
+                     f"{r['parameter_objects']:>13}")
     lines.append("OK: token parallelism matches" if result.ok else "FAILED: token parallelism does not match")
     return "\n".join(lines)
 

@@ -4,9 +4,14 @@
 so the pictures cannot drift from the code:
 
 * **placement**: :func:`hybridpar.tknp.placement.place_all` on each request's reservation
-  (:attr:`hybridpar.tknp.engine.Request.max_tokens`), which is how
-  :class:`~hybridpar.tknp.engine.TknpEngine` places requests that arrive in this order and are
-  still running; each request takes the next free cache row of its rank, as in the engine;
+  (prompt + ``max_new_tokens``, what the engine's
+  :class:`~hybridpar.tknp.radix_scheduler.TknpScheduler` charges at admission), which is how it
+  places requests that arrive in this order and are still running; each request takes the next
+  free row of its rank's pool, as in the engine;
+* **the pass**: every TKNP rank follows the scheduler's rule (TPScheduler's, per rank): a rank
+  that holds newly arrived requests prefills them, and its running requests wait for the next
+  pass; every other rank decodes all of its requests. One pass so mixes ranks that prefill with
+  ranks that decode;
 * **the split**: :func:`hybridpar.tknp.attention.split_batch` on the
   :class:`~hybridpar.tknp.attention.TknpForwardBatch` of the pass gives every rank's sub-batch, the
   split sizes of each ``scatterv`` / ``gatherv``, and the token order that groups tokens by rank;
@@ -35,7 +40,6 @@ from hybridpar.distributed.parallel_state import RankLayout, compute_layout
 from hybridpar.models.sampling import SamplingParams
 from hybridpar.roofline import MODEL_PRESETS, ModelShape, format_bytes
 from hybridpar.tknp.attention import AttentionGeometry, TknpForwardBatch, split_batch
-from hybridpar.tknp.engine import Request
 from hybridpar.tknp.placement import place_all
 from hybridpar.viz.colors import TEXT_COLOR, rank_color
 
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
     import ipywidgets
 
     from hybridpar.tknp.attention import PassPlan
+    from hybridpar.tknp.runner import Workload
 
 STAGES = ("plan", "qkv", "scatter", "attend", "gather", "rest")
 STAGE_TITLES = {
@@ -96,7 +101,8 @@ LAYOUTS = ((1, 2), (2, 2), (1, 4))  # (tp, tknp) of the explorer
 class StepFlow:
     """Everything one TP ``t`` x TKNP ``k`` forward pass moves, from the package's own functions.
 
-    Invariants: ``placement[i]`` is the TKNP rank of request ``i``; ``split_sizes[r]`` new tokens
+    Invariants: ``placement[i]`` is the TKNP rank of request ``i``; ``running`` lists the requests
+    this pass runs, in batch order (the others wait on their rank); ``split_sizes[r]`` new tokens
     and ``kv_tokens[r]`` KV tokens belong to TKNP rank ``r`` (the same on every TP rank);
     ``order[j]`` is the batch index of the ``j``-th token once grouped by rank; ``heads[tp_rank]``
     is the attention geometry (query heads, KV heads) of that TP rank and of its whole TKNP group.
@@ -110,6 +116,7 @@ class StepFlow:
     reservations: tuple[int, ...]
     placement: tuple[int, ...]
     rows: tuple[int, ...]
+    running: tuple[int, ...]
     plan: PassPlan  # split_batch's plan: one sub-batch per TKNP rank
     order: tuple[int, ...]
     heads: tuple[AttentionGeometry, ...]
@@ -130,11 +137,20 @@ class StepFlow:
         return [sum(p + n for p, n in zip(sb.prefix_lens, sb.extend_lens)) for sb in self.plan.sub_batches]
 
     def requests_on(self, tknp_rank: int) -> list[int]:
+        """The requests whose KV this rank holds (running in this pass or waiting)."""
         return [i for i, r in enumerate(self.placement) if r == tknp_rank]
+
+    def running_on(self, tknp_rank: int) -> list[int]:
+        return [i for i in self.running if self.placement[i] == tknp_rank]
+
+    @property
+    def waiting(self) -> list[int]:
+        """Requests that wait this pass: their rank prefills newly arrived requests first."""
+        return [i for i in range(len(self.requests)) if i not in self.running]
 
     def token_requests(self, grouped: bool = False) -> list[int]:
         """The request of every new token, in batch order or (``grouped``) in rank-grouped order."""
-        batch = [i for i, req in enumerate(self.requests) for _ in range(req.new_tokens)]
+        batch = [i for i in self.running for _ in range(self.requests[i].new_tokens)]
         return [batch[j] for j in self.order] if grouped else batch
 
     def scatter_bytes(self, tp_rank: int = 0) -> int:
@@ -161,7 +177,8 @@ class StepFlow:
 def step_flow(model: ModelShape | str = "tiny", tensor_parallel_size: int = 1, token_parallel_size: int = 2,
               requests: Sequence[FlowRequest] = DEFAULT_REQUESTS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
               bytes_per_elem: int = 2) -> StepFlow:
-    """The pass in which ``requests`` (placed in this order, none finished yet) run together.
+    """The engine's pass over ``requests`` (placed in this order, none finished yet): every rank
+    prefills its newly arrived requests if it has any, else decodes all of its own.
 
     ``model``: a :class:`~hybridpar.roofline.ModelShape` or the name of a preset. Raises
     ``ValueError`` naming the fix for sizes the model or the layout cannot take.
@@ -176,36 +193,45 @@ def step_flow(model: ModelShape | str = "tiny", tensor_parallel_size: int = 1, t
         raise ValueError(f"max_new_tokens={max_new_tokens} must exceed every request's generated tokens "
                          f"(a request with max_new_tokens generated has finished)")
     heads = tuple(AttentionGeometry.from_config(shape, t, r) for r in range(t))
-    reservations = tuple(Request([0] * r.prompt_len, SamplingParams(max_new_tokens=max_new_tokens)).max_tokens
-                         for r in requests)
+    reservations = tuple(r.prompt_len + max_new_tokens for r in requests)  # TknpScheduler's charge at admission
     placement = tuple(place_all(list(reservations), k))
     rows = tuple(placement[:i].count(rank) for i, rank in enumerate(placement))  # the engine's next free row
-    fb = TknpForwardBatch.build_placed(None, placement, rows, [r.cached_tokens for r in requests],
-                                       [r.new_tokens for r in requests])  # metadata only: no cache needed
+    prefilling = {placement[i] for i, r in enumerate(requests) if r.generated == 0}
+    running = tuple(i for i, r in enumerate(requests) if r.generated == 0 or placement[i] not in prefilling)
+    fb = TknpForwardBatch.build_placed(None, [placement[i] for i in running], [rows[i] for i in running],
+                                       [requests[i].cached_tokens for i in running],
+                                       [requests[i].new_tokens for i in running])  # metadata only: no cache needed
     plan, order = split_batch(fb, k)
-    return StepFlow(shape, t, k, requests, max_new_tokens, reservations, placement, rows, plan,
+    return StepFlow(shape, t, k, requests, max_new_tokens, reservations, placement, rows, running, plan,
                     tuple(order.tolist()), heads, layout, bytes_per_elem)
 
 
-def engine_requests(flow: StepFlow, vocab_size: int | None = None, seed: int = 0) -> tuple[list[Request], int]:
-    """A workload that brings :class:`~hybridpar.tknp.engine.TknpEngine` to ``flow``'s pass.
+def engine_requests(flow: StepFlow, vocab_size: int | None = None, seed: int = 0) -> tuple[Workload, int]:
+    """A workload that brings the engine's scheduler (:class:`~hybridpar.tknp.radix_scheduler.TknpScheduler`)
+    to ``flow``'s pass.
 
-    Returns the requests (random prompt ids, greedy, EOS ignored, ``flow.max_new_tokens`` each) and
-    the engine step at which the pass happens: a request that has ``generated`` tokens at step ``S``
-    arrived at step ``S - generated``. Every request arrives at the step at which it is admitted,
-    in the flow's order, so the engine places them exactly as :func:`step_flow` does.
+    Returns the :class:`~hybridpar.tknp.runner.Workload` (random prompt ids, greedy, EOS ignored,
+    ``flow.max_new_tokens`` each) and the scheduler step at which the pass happens: the requests
+    that have generated ``S`` tokens arrive together at step 0 (prefilled at once, then one token
+    per step), the others at step ``S``. Each request arrives at the step at which it is admitted,
+    in the flow's order, so the scheduler places them exactly as :func:`step_flow` does.
     """
+    from hybridpar.tknp.runner import Workload
+
     rng = random.Random(seed)
     vocab = vocab_size or flow.model.vocab_size
     step = max(r.generated for r in flow.requests)
-    params = SamplingParams(max_new_tokens=flow.max_new_tokens, ignore_eos=True)
-    out = [Request([rng.randrange(vocab) for _ in range(r.prompt_len)], params, step - r.generated)
-           for r in flow.requests]
-    arrivals = [r.arrival_step for r in out]
+    arrivals = [step - r.generated for r in flow.requests]
     if arrivals != sorted(arrivals):
         raise ValueError("list the requests in arrival order (most generated tokens first) so that the engine "
                          "admits them in the flow's order")
-    return out, step
+    if any(0 < r.generated < step for r in flow.requests):
+        raise ValueError("the engine reaches a pass only when every running request arrived at the same step (a "
+                         "later arrival would make the requests of its rank wait a step): give every request "
+                         "either the same number of generated tokens or 0 (it arrives now)")
+    params = SamplingParams(max_new_tokens=flow.max_new_tokens, ignore_eos=True)
+    prompts = [[rng.randrange(vocab) for _ in range(r.prompt_len)] for r in flow.requests]
+    return Workload("flow", prompts, [params] * len(prompts), arrivals), step
 
 
 # --------------------------------------------------------------------------- frames
@@ -263,23 +289,28 @@ def flow_frames(flow: StepFlow) -> list[FlowFrame]:
 
     def sub(c: dict[str, int]) -> str:
         sb = flow.plan.sub_batches[c["tknp"]]
-        reqs = flow.requests_on(c["tknp"])
-        if not reqs:
-            return "no request this pass"
         parts = [f"r{i}: row {row}, {p} cached + {n} new" for i, row, p, n in
-                 zip(reqs, sb.req_pool_indices, sb.prefix_lens, sb.extend_lens)]
-        return "; ".join(parts)
+                 zip(flow.running_on(c["tknp"]), sb.req_pool_indices, sb.prefix_lens, sb.extend_lens)]
+        waiting = [i for i in flow.requests_on(c["tknp"]) if i in flow.waiting]
+        if waiting:
+            parts.append(f"waiting: {' '.join(f'r{i}' for i in waiting)} (this rank prefills first)")
+        return "; ".join(parts) or "no request this pass"
+
+    running = (f"all {len(flow.requests)} requests" if not flow.waiting else
+               f"{len(flow.running)} of its {len(flow.requests)} requests")
 
     def plan(c):
         if c["tknp"] == 0:
-            return (f"hidden {_shape(T, h)}: all {len(flow.requests)} requests, {T} new tokens",
+            return (f"hidden {_shape(T, h)}: {running}, {T} new tokens",
                     f"places new requests by reserved KV tokens (reservations {list(flow.reservations)}); "
                     f"broadcasts the plan of the pass (split sizes {sizes}) to its TKNP group", True)
         return (f"its sub-batch: {sub(c)}", "receives the plan; builds its own ForwardBatch", True)
 
     frames.append(FlowFrame("plan", STAGE_TITLES["plan"],
                             f"{len(flow.requests)} requests, {T} new tokens; TKNP rank r owns the requests "
-                            f"of its colour. New tokens per TKNP rank: {sizes}; KV tokens per rank: {kv}.",
+                            f"of its colour. New tokens per TKNP rank: {sizes}; KV tokens per rank: {kv}."
+                            + (f" Waiting this pass: {' '.join(f'r{i}' for i in flow.waiting)} (their rank prefills "
+                               f"a newly arrived request first, the scheduler's rule)." if flow.waiting else ""),
                             batch, False, rows(plan)))
 
     def qkv(c):
@@ -337,7 +368,7 @@ def flow_frames(flow: StepFlow) -> list[FlowFrame]:
         if c["tknp"] == 0:
             reduce = f", all-reduce over the {t} roots" if t > 1 else ""
             return (f"hidden {_shape(T, h)}", f"o_proj{reduce}, MLP, next layer's QKV; after layer {L}: LM "
-                                              f"head and sampling for {len(flow.requests)} requests", True)
+                                              f"head and sampling for {len(flow.running)} requests", True)
         return ("its KV cache, no weights", f"idle until the next layer's scatterv ({L} layers: {L} scatters "
                                             f"and {L} gathers per pass)", False)
 
