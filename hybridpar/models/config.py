@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from hybridpar.roofline import ModelShape
+
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -46,23 +48,20 @@ class RopeConfig:
     original_max_position_embeddings: int | None = None
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything the decoder needs, in TP-independent (global) sizes."""
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(ModelShape):
+    """Everything the decoder needs, in TP-independent (global) sizes.
+
+    The shape numbers (``hidden_size``, ``num_layers``, heads, ``head_dim``, ``vocab_size``,
+    ``tie_word_embeddings``, ``qkv_bias``; ``name`` is the checkpoint directory's name) are
+    chapter 1's :class:`~hybridpar.roofline.ModelShape`, so a loaded config goes straight into the
+    roofline and memory arithmetic; this class adds what running the model needs.
+    """
 
     architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
     rms_norm_eps: float
     rope: RopeConfig
     max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
@@ -121,6 +120,7 @@ class ModelConfig:
         dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or torch.float32
         dtype_name = str(dtype).removeprefix("torch.")
         return cls(
+            name=Path(getattr(hf, "_name_or_path", "") or arch).name,
             architecture=arch,
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
