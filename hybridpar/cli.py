@@ -23,7 +23,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from hybridpar.config import ParallelConfigError
+from hybridpar.config import ArgumentParser, ParallelConfigError, config_error
 
 DEMOS = ("tp_layers", "tp_block", "tp_generate", "tp_anatomy", "radix_demo", "radix_tp_trace", "tknp_demo")
 CONFIG_ERRORS = (ParallelConfigError, ValueError, FileNotFoundError)
@@ -50,7 +50,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybridpar", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="hybridpar", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of configuration errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
@@ -104,10 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CONFIG_ERRORS as exc:
         if args.debug:
             traceback.print_exc()
-        if int(os.environ.get("RANK", "0")) != 0:
-            return 0  # every rank found the same error; rank 0 reports it (torchrun kills the rest at the first failure)
-        print(f"hybridpar: error: {exc}".splitlines()[0], file=sys.stderr)
-        return 2
+        config_error("hybridpar", exc)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,31 @@ message, before any process is spawned.
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
+
+
+def config_error(prog: str, exc: object) -> NoReturn:
+    """Print ``prog: error: <first line of exc>`` once and exit 2 (the commands' configuration errors).
+
+    Under torchrun only rank 0 prints and fails; the other ranks found the same error and exit
+    quietly (status 0), so that torchrun cannot kill rank 0 before it has printed.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        raise SystemExit(0)
+    print(f"{prog}: error: {exc}".splitlines()[0], file=sys.stderr)
+    raise SystemExit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for hybridpar's commands: a bad argument is one line (:func:`config_error`), without
+    the usage block that argparse prints first (``-h`` still shows it). Subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        config_error(self.prog, message)
 
 
 class ParallelConfigError(ValueError):

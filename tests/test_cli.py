@@ -18,14 +18,26 @@ from tests.torchrun_util import run_under_torchrun
     (["generate", "--max-tokens", "0"], "max_tokens must be an int >= 1"),
 ])
 def test_a_configuration_error_is_one_line_and_exit_2(argv: list[str], fix: str, capfd: pytest.CaptureFixture) -> None:
-    assert main(argv) == 2
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hybridpar: error: ") and fix in err[0], err
 
 
 def test_debug_shows_the_traceback(capfd: pytest.CaptureFixture) -> None:
-    assert main(["--debug", "generate", "--tensor-parallel-size", "3"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        main(["--debug", "generate", "--tensor-parallel-size", "3"])
     assert "Traceback" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["verify", "model", "--tp", "3"], ["generate", "--bogus"],
+                                  ["verify", "tknp", "--token-parallel-size", "2", "--data-parallel-size", "2"]])
+def test_subcommands_report_bad_arguments_in_one_line(argv: list[str], capfd: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and ": error: " in err[0], err
 
 
 @pytest.mark.slow

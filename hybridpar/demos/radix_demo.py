@@ -17,14 +17,13 @@ From a notebook: ``print(format_report(run_demo(tp=2)))``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hybridpar.models.default_checkpoint import DEFAULT_MODEL
-from hybridpar.config import SCHEDULE_POLICIES, ServerArgs
+from hybridpar.config import ArgumentParser, SCHEDULE_POLICIES, ServerArgs
 from hybridpar.radix.workload import SharedPrefixWorkload, WorkloadRequest
 
 # System prompts (one per group) and questions (the same set in every group). Each starts with a
@@ -272,7 +271,7 @@ def format_report(report: DemoReport, max_outputs: int = 6) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-name", default=None, help="built-in name (qwen2-tiny, llama-tiny, ...), a local "
                         "checkpoint directory or a hub id; default: the built-in qwen2-tiny")
     parser.add_argument("--tp", type=int, default=2, help="TP ranks to spawn when not under torchrun (default 2)")

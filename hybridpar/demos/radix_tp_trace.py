@@ -17,7 +17,6 @@ From a notebook::
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from hybridpar.radix.mem_pool import kv_bytes_per_token
 from hybridpar.core import StepPlan
 from hybridpar.radix.model_runner import ModelRunner
 from hybridpar.radix.scheduler import TPScheduler
-from hybridpar.config import ServerArgs
+from hybridpar.config import ArgumentParser, ServerArgs
 from hybridpar.radix.workload import SharedPrefixWorkload
 
 # name -> ServerArgs overrides; the run called "no cache" is the baseline for "prefill tokens saved".
@@ -290,7 +289,7 @@ def trace_verdict(reports: list[RankReport], workload: SharedPrefixWorkload, pag
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--model-name", default=None, help="built-in name, local checkpoint or hub id")
     parser.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"))

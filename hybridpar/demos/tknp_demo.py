@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch.distributed as dist
 
 from hybridpar.distributed.launcher import is_torchrun, run_torchrun
+from hybridpar.config import config_error
 from hybridpar.tknp.cli import (
     CONFIG_ERRORS,
     DEFAULT_PROMPTS,
@@ -27,7 +28,6 @@ from hybridpar.tknp.cli import (
     attended_tokens,
     check_requests,
     collect,
-    config_error,
     demo_rank,
     format_reports,
     load_tokenizer,

@@ -19,7 +19,6 @@ Ranks never print; they return a :class:`RankAnatomy` and the parent formats the
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hybridpar.config import ArgumentParser
 from hybridpar.demos.tp_block import patch_collectives
 from hybridpar.models.loader import LoadStats, SliceProxy, iter_checkpoint
 
@@ -229,7 +229,7 @@ def anatomy_verdict(results: list[RankAnatomy]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="What each TP rank reads, what loading costs, where the collectives are.")
+    parser = ArgumentParser(description="What each TP rank reads, what loading costs, where the collectives are.")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--model-name", default=None, help="built-in name or local checkpoint (default: qwen2-tiny)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)

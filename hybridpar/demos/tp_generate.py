@@ -19,11 +19,12 @@ look for, and ends with a one-line verdict; every rank checks that all ranks gen
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from hybridpar.config import ArgumentParser
 
 DEFAULT_PROMPTS = ("Tensor parallelism splits", "A radix tree", "The capital of France is")
 
@@ -116,7 +117,7 @@ def format_report(results: list[dict[str, Any]], model_name: str | None, tp: int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate text with a tensor-parallel model.")
+    parser = ArgumentParser(description="Generate text with a tensor-parallel model.")
     parser.add_argument("--model-name", default=None, help="built-in name, local directory or hub id "
                                                            "(default: built-in hybridpar/qwen2-tiny)")
     parser.add_argument("--force-cpu", action="store_true", help="use gloo on the CPU even if GPUs are visible")

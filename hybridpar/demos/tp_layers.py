@@ -10,7 +10,6 @@ rank, and a one-line verdict.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hybridpar.config import ArgumentParser
 from hybridpar.distributed.launcher import BACKENDS, current_device, launch
 from hybridpar.distributed.parallel_state import (
     get_tensor_model_parallel_rank,
@@ -154,7 +154,7 @@ def format_report(rows: list[dict[str, Any]], tp_size: int, backend: str) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2, help="number of tensor-parallel ranks (default 2)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="gloo (CPU), nccl (GPU) or auto")
     args = parser.parse_args(argv)

@@ -20,7 +20,6 @@ Prints a table and one JSON line (prefixed ``VERIFY_JSON``); exits non-zero on f
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from hybridpar.config import ArgumentParser, config_error
 
 DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Tensor parallelism splits every weight matrix",
                    "1, 2, 3,")
@@ -211,7 +212,7 @@ def format_result(r: VerifyResult) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     parser.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
@@ -220,8 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--load-format", default="sharded", choices=["sharded", "full"])
     args = parser.parse_args(argv)
-    result = verify(args.tp, args.dtype, args.backend, args.model_name, args.max_new_tokens,
-                    load_format=args.load_format)
+    try:  # every check of verify() runs in this process before any rank starts
+        result = verify(args.tp, args.dtype, args.backend, args.model_name, args.max_new_tokens,
+                        load_format=args.load_format)
+    except (ValueError, FileNotFoundError) as exc:
+        config_error(parser.prog, exc)
     print(format_result(result))
     print("VERIFY_JSON " + json.dumps(asdict(result)))
     return 0 if result.passed else 1

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hybridpar.config import ParallelConfig, ParallelConfigError
+from hybridpar.config import ArgumentParser, ParallelConfig, ParallelConfigError, config_error
 from hybridpar.models.sampling import SamplingParams
 from hybridpar.tknp.memory import MemoryPlan
 from hybridpar.tknp.runner import RankReport, TknpSetup, Workload, demo_rank, predicted_plan
@@ -49,25 +49,8 @@ DEFAULT_PROMPTS = (
 )
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage block), exit status 2 (see :func:`config_error`)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        config_error(self.prog, message)
-
-
-def config_error(prog: str, exc: object) -> None:
-    """Print ``prog: error: <first line of exc>`` once and exit 2. Under torchrun only rank 0 prints and
-    fails; the other ranks found the same error and exit quietly (status 0), so that torchrun cannot kill
-    rank 0 before it has printed."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        raise SystemExit(0)
-    print(f"{prog}: error: {exc}".splitlines()[0], file=sys.stderr)
-    raise SystemExit(2)
-
-
 def build_parser(prog: str = "python -m hybridpar.tknp.cli") -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=prog, description="Serve prompts with tensor x token parallelism.")
+    parser = ArgumentParser(prog=prog, description="Serve prompts with tensor x token parallelism.")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="TP ranks per model replica")
     parser.add_argument("--token-parallel-size", type=int, default=1, help="ranks per token-parallel group")
     parser.add_argument("--enable-token-parallel", action="store_true", default=None,

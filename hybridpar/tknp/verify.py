@@ -27,7 +27,6 @@ low-precision tolerance (relative L2 error per position <= :data:`~hybridpar.mod
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 
+from hybridpar.config import ArgumentParser
 from hybridpar.distributed.launcher import BACKENDS, launch
 from hybridpar.distributed.parallel_state import is_tknp_root
 from hybridpar.models.sampling import SamplingParams
@@ -280,7 +280,7 @@ def format_result(result: VerifyResult) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hybridpar.tknp.verify", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m hybridpar.tknp.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--token-parallel-size", type=int, default=2)
     parser.add_argument("--model-name", action="append", dest="models",
