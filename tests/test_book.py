@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from hybridpar.book.build import ROOT, ensure_built
+from hybridpar.viz.static import KERNEL_ONLY_TAG, KERNEL_ONLY_WIDGETS, kernel_only_calls
 
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
@@ -31,6 +32,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 WIDGET_VIEW = 'script[type="application/vnd.jupyter.widget-view+json"]'
+WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
 
 
 def toc_files() -> list[str]:
@@ -100,6 +102,50 @@ def test_chapters_are_executable_myst_notebooks(chapter: Path) -> None:
         source = (chapter.parent / match[1]).resolve()
         assert re.search(rf"^(def|class) {match[2]}\b", source.read_text(), re.M), match[0]
     assert not re.search(r"```(python|ipython3)\n(def|class) ", text), "show package code with literalinclude"
+
+
+def notebook_of(doc: str) -> object:
+    """The cells of a chapter (MyST Markdown, read as myst-nb reads it) or a lab."""
+    import nbformat
+    from myst_nb.core.read import read_myst_markdown_notebook
+
+    path = source_of(doc)
+    if path.suffix == ".md":
+        return read_myst_markdown_notebook(path.read_text())
+    return nbformat.read(path, as_version=4)
+
+
+BOOK_NOTEBOOKS = [doc for doc in toc_files() if doc.startswith(("chapters/", "labs/"))]
+
+
+@pytest.mark.parametrize("doc", BOOK_NOTEBOOKS)
+def test_kernel_only_widgets_are_left_out_of_the_book(doc: str) -> None:
+    """A widget whose controls call Python would show inert controls in the static book: its cell
+    must be tagged remove-output (the code stays, the controls go), and the page must say that it
+    needs a live kernel."""
+    nb = notebook_of(doc)
+    calls = [(i, name) for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
+             for name in kernel_only_calls(cell.source)]
+    for i, name in calls:
+        assert KERNEL_ONLY_TAG in nb.cells[i].metadata.get("tags", []), \
+            f"cell {i} shows {name}, whose controls do nothing without a kernel: tag it {KERNEL_ONLY_TAG}"
+    if calls:
+        prose = " ".join(c.source for c in nb.cells if c.cell_type == "markdown")
+        assert "live kernel" in " ".join(prose.split()), "say that the left-out widget needs a live kernel"
+
+
+def test_kernel_only_registry_names_real_functions_and_twins() -> None:
+    """Each kernel-only widget sits next to its precomputed twin, and says that it needs a kernel."""
+    import importlib
+
+    assert set(KERNEL_ONLY_WIDGETS) == {"roofline_calculator", "collectives_widget", "shard_viewer",
+                                        "radix_playground", "tknp_flow_widget"}
+    for name, twin in KERNEL_ONLY_WIDGETS.items():
+        module_name, _, twin_name = twin.rpartition(".")
+        module = importlib.import_module(module_name)
+        assert callable(getattr(module, twin_name)) and "kernel" in getattr(module, name).__doc__
+    assert kernel_only_calls("shard_viewer(model='tiny')\nx.radix_playground()") == ["shard_viewer", "radix_playground"]
+    assert kernel_only_calls("from m import shard_viewer\nmy_shard_viewer()\nshard_explorer()") == []
 
 
 # ---------------------------------------------------------------- the built book in Chromium
@@ -236,8 +282,15 @@ def test_page_loads_offline_and_renders(browser: object, server: str, doc: str) 
     if doc in ("search", "genindex"):
         return
     source = source_of(doc).read_text()
-    if "roofline_calculator(" in source or "roofline_explorer(" in source:
-        assert views >= 2
+    if "roofline_explorer(" in source:
+        assert views >= 1
+    if doc.startswith("labs/"):  # exactly the stored widget outputs the book keeps (kernel-only ones are left out)
+        nb = notebook_of(doc)
+        shown = sum(WIDGET_VIEW_MIME in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
+                    and KERNEL_ONLY_TAG not in cell.metadata.get("tags", []) for out in cell.get("outputs", []))
+        assert views == shown, f"{views} widget views in the page, {shown} widget outputs to show"
+    if doc in BOOK_NOTEBOOKS and any(kernel_only_calls(c.source) for c in notebook_of(doc).cells):
+        assert "live kernel" in " ".join(text.split()), "the page says which widget needs a live kernel"
     if "plt.show()" in source:
         assert figures and all(figures), "matplotlib figures missing or broken"
     if "$" in source and doc != "bibliography":
@@ -261,10 +314,117 @@ def test_page_loads_offline_and_renders(browser: object, server: str, doc: str) 
             assert needle in text, f"bibliography lacks {needle}"
 
 
+# Every widget view the embedder renders is a Lumino widget (class lm-Widget) with a class naming its kind.
+# Controls are operated by kind; views that only show something are passed over. A view of any
+# other kind fails the test until it is added here, so no control goes unchecked.
+CONTROL_KINDS = {"widget-slider": "slider", "widget-dropdown": "dropdown", "widget-toggle-buttons": "toggle-buttons",
+                 "widget-button": "button", "widget-toggle-button": "button", "widget-checkbox": "checkbox",
+                 "widget-text": "text", "widget-textarea": "text", "widget-play": "play"}
+PASSIVE_KINDS = ("widget-box", "widget-container", "widget-html", "widget-htmlmath", "widget-label", "widget-image",
+                 "widget-output")
+FIND_CONTROLS_JS = """([root, kinds, passive]) => {
+  const found = [];
+  for (const el of [root, ...root.querySelectorAll('.lm-Widget')]) {
+    if (!el.checkVisibility() || el.parentElement.closest('[data-hp-control]')) continue;
+    const kind = Object.keys(kinds).find(c => el.classList.contains(c));
+    if (kind) {
+      el.dataset.hpControl = String(found.length);
+      found.push({kind: kinds[kind], label: el.innerText.trim().split('\\n')[0].slice(0, 40)});
+    } else if (!passive.some(c => el.classList.contains(c))) {
+      found.push({kind: 'unknown', label: el.className});
+    }
+  }
+  return found;
+}"""
+# What the reader sees of a widget's output: every visible HTML view and image (a Stack renders only
+# its selected child). The controls' own readouts and labels are not part of it.
+SHOWN_JS = """root => [...root.querySelectorAll('.widget-html-content, .widget-htmlmath-content, img')]
+  .filter(e => e.checkVisibility())
+  .map(e => e.tagName === 'IMG' ? e.currentSrc.length + ':' + e.currentSrc.slice(-80) : e.innerHTML).join('\\n')"""
+
+
+def operate(page: object, control: object, kind: str) -> str:
+    """Do what a reader would do to ``control`` once; returns what was done."""
+    if kind == "slider":
+        handle = control.locator(".noUi-handle").first
+        now, top = (float(handle.get_attribute(a)) for a in ("aria-valuenow", "aria-valuemax"))
+        key = "ArrowRight" if now < top else "ArrowLeft"
+        handle.focus()
+        page.keyboard.press(key)
+        return f"pressed {key} on the slider at {now:g}"
+    if kind == "dropdown":
+        select = control.locator("select")
+        index = (select.evaluate("s => s.selectedIndex") + 1) % select.locator("option").count()
+        select.select_option(index=index)
+        return f"picked option {index}"
+    if kind == "toggle-buttons":
+        button = control.locator("button:not(.mod-active)").first
+        label = button.inner_text()
+        button.click()
+        return f"clicked {label!r}"
+    if kind in ("button", "checkbox", "play"):
+        (control.locator("input, button").first if kind != "button" else control).click()
+        return "clicked it"
+    if kind == "text":
+        box = control.locator("input, textarea").first
+        if box.get_attribute("type") == "number":
+            value, top = float(box.input_value()), float(box.get_attribute("max") or "inf")
+            box.fill(f"{value + 1 if value < top else value - 1:g}")
+        else:
+            box.fill(box.input_value() + "x")
+        box.press("Enter")
+        return f"typed {box.input_value()!r} into it"
+    raise AssertionError(f"no way to operate a control of kind {kind}")
+
+
+def widget_docs() -> list[str]:
+    return [doc for doc in BOOK_NOTEBOOKS if "hybridpar.viz" in source_of(doc).read_text()]
+
+
+@pytest.mark.parametrize("doc", widget_docs())
+def test_every_control_changes_the_page(browser: object, server: str, doc: str) -> None:
+    """Each control of each widget in the built page, operated once in turn, changes what its widget
+    shows, with no kernel behind the page: nothing the book shows is inert."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    if WIDGET_VIEW_MIME not in (HTML / f"{doc}.html").read_text():
+        pytest.skip(f"{doc} shows no widget")
+    page, report = open_page(browser, f"{server}/{doc}.html")
+    views = wait_for_widgets(page)
+    roots = page.locator(".widget-subarea > .jupyter-widgets")
+    assert roots.count() == views, f"{views - roots.count()} of {views} widgets did not render"
+    done, inert = [], []
+    for w in range(views):
+        root = roots.nth(w)
+        controls = root.evaluate("(root, args) => (" + FIND_CONTROLS_JS + ")([root, ...args])",
+                                 [CONTROL_KINDS, list(PASSIVE_KINDS)])
+        unknown = [c["label"] for c in controls if c["kind"] == "unknown"]
+        assert not unknown, f"widget {w} has views this test cannot classify: {unknown}; add them to CONTROL_KINDS"
+        for i, c in enumerate(controls):
+            control = root.locator(f'[data-hp-control="{i}"]')
+            control.scroll_into_view_if_needed()
+            before = root.evaluate(SHOWN_JS)
+            action = operate(page, control, c["kind"])
+            try:
+                page.wait_for_function(f"([root, before]) => ({SHOWN_JS})(root) !== before",
+                                       arg=[root.element_handle(), before], timeout=20_000)
+                done.append(f"widget {w}, {c['kind']} {c['label']!r}: {action}")
+            except PlaywrightTimeoutError:
+                inert.append(f"widget {w}, {c['kind']} {c['label']!r}: {action}, nothing changed")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"controls-{doc.replace('/', '-')}.png"))
+    page.context.close()
+    print(f"{doc}:", *done, sep="\n  ")  # shown with -s: what was operated
+    assert report.errors == [], report.errors
+    assert not inert, "controls that do nothing in the static book:\n" + "\n".join(inert)
+    assert done, f"{doc} shows {views} widget(s) but no control to operate"
+
+
 def test_precomputed_explorer_works_without_a_kernel(browser: object, server: str) -> None:
     page, _ = open_page(browser, f"{server}/chapters/01_why_distribute.html")
     assert wait_for_widgets(page) == page.locator(".widget-subarea > .jupyter-widgets").count()
-    explorer = page.locator(".widget-subarea > .jupyter-widgets").nth(1)
+    explorer = page.locator(".widget-subarea > .jupyter-widgets").filter(has=page.locator("table.hybridpar-roofline"))
+    assert explorer.count() == 1, "chapter 1 shows the explorer, and not the kernel-only calculator"
     visible_caption = explorer.locator("table.hybridpar-roofline caption:visible")
     before = visible_caption.inner_text()
     explorer.locator(".widget-slider .noUi-handle").first.focus()  # the TP-size slider

@@ -6,9 +6,9 @@
 Labs are rendered from their stored outputs (the book does not execute them), and nbval re-runs
 them against those outputs. So every lab is committed after a run of this tool, which:
 
-1. rewrites the first cell, the *install cell*, from ``repository.url`` in ``_config.yml``
-   (the one place the URL lives): on Colab or in a fresh kernel it pip-installs hybridpar when
-   it is not importable, elsewhere it does nothing;
+1. writes the *install cell* right below the lab's title, from ``repository.url`` in
+   ``_config.yml`` (the one place the URL lives): on Colab or in a fresh kernel it pip-installs
+   hybridpar when it is not importable, elsewhere it does nothing;
 2. checks the lab's metadata (:func:`check_lab`);
 3. refuses to run a lab on a machine with fewer GPUs than its ``metadata.hybridpar.min_gpus``
    (run GPU labs on a GPU machine; mark their GPU-only cells ``nbval-skip`` for CPU CI);
@@ -17,10 +17,13 @@ them against those outputs. So every lab is committed after a run of this tool, 
    renders in the static book; widget ids are then numbered in order, so that re-running an
    unchanged lab changes nothing.
 
-Lab conventions (checked by :func:`check_lab` and ``tests/test_labs.py``): notebook metadata
+Lab conventions (checked by :func:`check_lab` and ``tests/test_labs.py``): the first cell is the
+title, a markdown cell that opens with ``# `` and holds a ``runs-on-cpu`` or ``needs-gpus``
+admonition; the second is the install cell (tagged ``hybridpar-install``); notebook metadata
 ``kernelspec`` python3 and ``hybridpar: {"min_gpus": N}``; labs with ``N >= 1`` also carry Colab's
-``"accelerator": "GPU"``; the cell after the install cell opens with a ``runs-on-cpu`` or
-``needs-gpus`` admonition.
+``"accelerator": "GPU"``. A cell that shows a kernel-only widget
+(:data:`hybridpar.viz.static.KERNEL_ONLY_WIDGETS`) is tagged ``remove-output``, so that the book
+shows no control that cannot work there, and the lab says that it needs a live kernel.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ def repository_url(root: Path = ROOT) -> str:
 
 
 def install_cell_source(url: str) -> str:
-    """The source of every lab's first cell, for repository ``url``."""
+    """The source of every lab's install cell (the cell below its title), for repository ``url``."""
     return (
         "# Installs hybridpar where it is missing (Colab, a fresh kernel); does nothing otherwise.\n"
         "# Generated from repository.url in _config.yml by `python -m hybridpar.book.run_labs`.\n"
@@ -62,16 +65,27 @@ def install_cell_source(url: str) -> str:
     )
 
 
+def is_title_cell(cell: Any) -> bool:
+    """A markdown cell that opens with a level-1 heading (``# Lab n: ...``)."""
+    return cell.cell_type == "markdown" and cell.source.lstrip().startswith("# ")
+
+
+def is_install_cell(cell: Any) -> bool:
+    return INSTALL_TAG in cell.get("metadata", {}).get("tags", [])
+
+
 def sync_install_cell(nb: Any, url: str) -> None:
-    """Make the first cell of ``nb`` the install cell (replacing an old one, or inserting it)."""
+    """Make the cell right below the title the install cell for ``url``: an old install cell is
+    rewritten and moved there (wherever it was), or a new one inserted. Without a title cell first,
+    the install cell goes first (and :func:`check_lab` asks for the title)."""
     import nbformat
 
     source = install_cell_source(url)
-    first = nb.cells[0] if nb.cells else None
-    if first is not None and INSTALL_TAG in first.get("metadata", {}).get("tags", []):
-        first.cell_type, first.source = "code", source
-        return
-    nb.cells.insert(0, nbformat.v4.new_code_cell(source, metadata={"tags": [INSTALL_TAG]}))
+    old = [c for c in nb.cells if is_install_cell(c)]
+    cell = old[0] if old else nbformat.v4.new_code_cell(source, metadata={"tags": [INSTALL_TAG]})
+    cell.cell_type, cell.source = "code", source
+    nb.cells = [c for c in nb.cells if not is_install_cell(c)]
+    nb.cells.insert(1 if nb.cells and is_title_cell(nb.cells[0]) else 0, cell)
 
 
 def min_gpus(nb: Any) -> int:
@@ -88,11 +102,19 @@ def _has_widget_views(nb: Any) -> bool:
 
 def check_lab(nb: Any, url: str) -> list[str]:
     """Problems with a lab notebook as committed; an empty list when it is fine."""
+    from hybridpar.viz.static import KERNEL_ONLY_TAG, kernel_only_calls
+
     problems = []
-    first = nb.cells[0] if nb.cells else None
-    if first is None or first.cell_type != "code" or first.source != install_cell_source(url):
-        problems.append("the first cell is not the install cell for repository.url in _config.yml "
-                        "(run `python -m hybridpar.book.run_labs --sync-only` on it)")
+    cells = nb.cells
+    if not cells or not is_title_cell(cells[0]):
+        problems.append("the first cell is not the lab's title (a markdown cell that opens with '# ')")
+    install = cells[1] if len(cells) > 1 else None
+    if install is None or install.cell_type != "code" or not is_install_cell(install) \
+            or install.source != install_cell_source(url):
+        problems.append("the cell below the title is not the install cell for repository.url in _config.yml "
+                        "(run `python -m hybridpar.book.run_labs --sync-only` on the lab)")
+    if sum(map(is_install_cell, cells)) > 1:
+        problems.append("the lab has more than one install cell")
     if nb.metadata.get("kernelspec", {}).get("name") != "python3":
         problems.append("kernelspec.name must be python3")
     if "min_gpus" not in nb.metadata.get("hybridpar", {}):
@@ -101,10 +123,17 @@ def check_lab(nb: Any, url: str) -> list[str]:
         problems.append('a GPU lab needs notebook metadata "accelerator": "GPU" (Colab picks a GPU runtime)')
     if _has_widget_views(nb) and not nb.metadata.get("widgets", {}).get(WIDGET_STATE_MIME, {}).get("state"):
         problems.append("the lab displays widgets but stores no widget state; re-run it with this tool")
-    unexecuted = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()
+    unexecuted = [i for i, c in enumerate(cells) if c.cell_type == "code" and c.source.strip()
                   and c.execution_count is None and "nbval-skip" not in c.metadata.get("tags", [])]
     if unexecuted:
         problems.append(f"code cells {unexecuted} have no stored outputs; run the lab with this tool")
+    live = [(i, name) for i, c in enumerate(cells) if c.cell_type == "code" for name in kernel_only_calls(c.source)]
+    untagged = [f"cell {i} ({name})" for i, name in live if KERNEL_ONLY_TAG not in cells[i].metadata.get("tags", [])]
+    if untagged:
+        problems.append(f"{', '.join(untagged)} show(s) a kernel-only widget, whose controls do nothing in the book: "
+                        f"tag the cell {KERNEL_ONLY_TAG!r} (or show its precomputed twin instead)")
+    if live and not any(c.cell_type == "markdown" and "live kernel" in c.source for c in cells):
+        problems.append("the lab shows a kernel-only widget but never says that it needs a live kernel")
     return problems
 
 

@@ -33,6 +33,7 @@ from hybridpar.distributed import communication_op as comm
 from hybridpar.distributed.launcher import current_device, launch
 from hybridpar.distributed.parallel_state import get_tp_group, initialize_tensor_parallel
 from hybridpar.viz.colors import TEXT_COLOR, mixed_background, rank_color
+from hybridpar.viz.static import linked_stacks
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -224,7 +225,8 @@ def frame_html(frame: CollectiveFrame, chunk: int = 2, title: str | None = None)
 
 def collectives_widget(collective: str = "all_reduce", world_size: int = 4, max_world_size: int = 8) -> ipywidgets.VBox:
     """A dropdown for the collective and a slider for the world size; redraws :func:`simulate` in a
-    Python callback (needs a kernel: in the static book it shows its initial view)."""
+    Python callback (kernel-only: in the book, tag its cell ``remove-output``, or show
+    :func:`collectives_explorer` over the same world sizes, which works everywhere)."""
     import ipywidgets as widgets
 
     _check(collective, world_size)
@@ -247,29 +249,27 @@ def collectives_explorer(
     collectives: Sequence[str] = COLLECTIVES,
     frames: Mapping[tuple[str, int], CollectiveFrame] | None = None,
     title: str = "",
+    world_size: int | None = None,
 ) -> ipywidgets.VBox:
     """Precomputed frames for every (collective, world size), picked by a dropdown and a slider that are
     ``jslink``-ed to nested ``Stack`` widgets: it works in the static book, with no kernel.
 
     ``frames`` maps ``(collective, world_size)`` to a frame (e.g. from :func:`trace_collectives`);
-    missing ones are simulated. ``title`` is prefixed to each frame's caption.
+    missing ones are simulated. ``title`` is prefixed to each frame's caption. ``world_size``: the
+    one shown first (default: the smallest).
     """
     import ipywidgets as widgets
 
     frames = dict(frames or {})
+    world_sizes = list(world_sizes)
+    first = world_sizes[0] if world_size is None else world_size
+    if first not in world_sizes:
+        raise ValueError(f"world_size={first} is not one of world_sizes={world_sizes}")
     style = {"description_width": "initial"}
     pick = widgets.Dropdown(options=list(collectives), description="collective", style=style)
-    size = widgets.SelectionSlider(options=[str(w) for w in world_sizes], description="world size", style=style)
-    per_collective = []
-    for name in collectives:
-        pages = []
-        for w in world_sizes:
-            frame = frames.get((name, w)) or simulate(name, w)
-            caption = f"{title}{name} on {w} ranks"
-            pages.append(widgets.HTML(frame_html(frame, title=caption)))
-        inner = widgets.Stack(pages, selected_index=0)
-        widgets.jslink((size, "index"), (inner, "selected_index"))
-        per_collective.append(inner)
-    outer = widgets.Stack(per_collective, selected_index=0)
-    widgets.jslink((pick, "index"), (outer, "selected_index"))
-    return widgets.VBox([widgets.HBox([pick, size]), outer])
+    size = widgets.SelectionSlider(options=[str(w) for w in world_sizes], value=str(first), description="world size",
+                                   style=style)
+    pages = [[widgets.HTML(frame_html(frames.get((name, w)) or simulate(name, w),
+                                      title=f"{title}{name} on {w} ranks")) for w in world_sizes]
+             for name in collectives]
+    return widgets.VBox([widgets.HBox([pick, size]), linked_stacks([pick, size], pages)])

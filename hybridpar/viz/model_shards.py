@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hybridpar.viz.colors import TEXT_COLOR, rank_color
+from hybridpar.viz.static import linked_stacks
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -241,7 +242,6 @@ def checkpoint_map_explorer(frames: Mapping[int, Sequence[Mapping[str, Any]]], m
     sizes = list(frames)
     toggle = widgets.ToggleButtons(options=[str(t) for t in sizes], description="TP size",
                                    style={"description_width": "initial"})
-    stack = widgets.Stack([widgets.HTML(checkpoint_map_html(frames[t], f"{model}: which rank read what, TP = {t}"
-                                                            if model else "")) for t in sizes], selected_index=0)
-    widgets.jslink((toggle, "index"), (stack, "selected_index"))
-    return widgets.VBox([toggle, stack])
+    views = [widgets.HTML(checkpoint_map_html(frames[t], f"{model}: which rank read what, TP = {t}" if model else ""))
+             for t in sizes]
+    return widgets.VBox([toggle, linked_stacks([toggle], views)])

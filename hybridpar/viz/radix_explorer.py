@@ -14,7 +14,7 @@ Three layers, checked against each other in ``tests/test_radix_explorer.py``:
   count and place in the LRU eviction order) and the pool as a strip of pages coloured by owner.
   :func:`radix_explorer` shows precomputed frames behind a ``jslink``-ed slider (works in the
   static book); :func:`radix_playground` runs the operations live in Python callbacks (needs a
-  kernel).
+  live kernel: in the book its cell is tagged ``remove-output``, see :mod:`hybridpar.viz.static`).
 
 The five operations (:class:`CacheOp`):
 
@@ -44,6 +44,7 @@ from hybridpar.radix.radix_cache import RadixCache
 from hybridpar.radix.tree_view import tree_to_dict
 from hybridpar.core import Req
 from hybridpar.viz.colors import TEXT_COLOR
+from hybridpar.viz.static import linked_stacks
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -558,18 +559,16 @@ def radix_explorer(ops: Sequence[CacheOp] = DEFAULT_SCRIPT, pool_tokens: int = 6
 
     frames = trace(ops, pool_tokens, page_size, max_requests)
     last = len(frames) - 1
-    stack = widgets.Stack([widgets.HTML(frame_html(f, last)) for f in frames], selected_index=0)
     slider = widgets.IntSlider(value=0, min=0, max=last, description="step", continuous_update=True,
                                style={"description_width": "initial"}, layout=widgets.Layout(width="32em"))
-    widgets.jslink((slider, "value"), (stack, "selected_index"))
-    return widgets.VBox([slider, stack])
+    return widgets.VBox([slider, linked_stacks([slider], [widgets.HTML(frame_html(f, last)) for f in frames])])
 
 
 def radix_playground(pool_tokens: int = 64, page_size: int = 4, max_requests: int = 8,
                      ops: Sequence[CacheOp] = ()) -> ipywidgets.VBox:
     """Type a prompt and press a button: the operation runs on a live :class:`RadixSandbox` and the
-    view redraws (Python callbacks: needs a kernel; in the static book it shows its initial state).
-    ``ops`` are applied first."""
+    view redraws (Python callbacks, kernel-only: in the book, tag its cell ``remove-output``;
+    :func:`radix_explorer` is its static twin). ``ops`` are applied first."""
     import ipywidgets as widgets
 
     box = RadixSandbox(pool_tokens, page_size, max_requests)

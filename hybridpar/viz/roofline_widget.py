@@ -1,8 +1,8 @@
 """Chapter 1's decode calculator, as a live ipywidget and as a static, precomputed explorer.
 
 * :func:`roofline_calculator` recomputes :func:`hybridpar.roofline.decode_step_time` in a Python
-  callback whenever a control moves. It needs a kernel (Jupyter, Colab); in the static book it
-  shows the view for its initial settings.
+  callback whenever a control moves. It needs a live kernel (Jupyter, Colab): in the book its cell
+  is tagged ``remove-output`` (see :mod:`hybridpar.viz.static`).
 * :func:`roofline_explorer` precomputes every (TP size, batch) setting into a ``Stack`` of HTML
   tables and ``jslink``-s two sliders to the stack indices, so it keeps working in the static
   book, with no kernel.
@@ -22,10 +22,11 @@ from hybridpar.roofline import (
     ModelShape,
     allreduce_bytes_per_token,
     decode_step_time,
-    format_bytes,
     format_seconds,
     kv_bytes_per_token,
 )
+from hybridpar.viz.static import linked_stacks
+from hybridpar.viz.units import format_binary
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -39,12 +40,12 @@ def step_rows(model: ModelShape, hardware: HardwareSpec, step: DecodeStep) -> li
     """(label, value) rows describing one decode step on one TP rank."""
     t = step.tp_size
     return [
-        ("weights per rank", format_bytes(step.weight_bytes)),
-        ("KV cache per token per rank", format_bytes(kv_bytes_per_token(model, t))),
-        ("KV cache per rank (batch x context)", format_bytes(step.kv_cache_bytes)),
-        ("fits in device memory", "yes" if step.fits else f"no (> {format_bytes(hardware.memory_capacity)})"),
-        ("all-reduce payload per token", format_bytes(allreduce_bytes_per_token(model)) if t > 1 else "0 (no TP)"),
-        ("bytes sent per rank per step", format_bytes(step.comm_bytes)),
+        ("weights per rank", format_binary(step.weight_bytes)),
+        ("KV cache per token per rank", format_binary(kv_bytes_per_token(model, t))),
+        ("KV cache per rank (batch x context)", format_binary(step.kv_cache_bytes)),
+        ("fits in device memory", "yes" if step.fits else f"no (> {format_binary(hardware.memory_capacity)})"),
+        ("all-reduce payload per token", format_binary(allreduce_bytes_per_token(model)) if t > 1 else "0 (no TP)"),
+        ("bytes sent per rank per step", format_binary(step.comm_bytes)),
         ("memory time", format_seconds(step.memory_time)),
         ("compute time", format_seconds(step.compute_time)),
         ("communication time", format_seconds(step.comm_time)),
@@ -89,7 +90,7 @@ def comparison_table_html(
         for b in batch_sizes:
             s = decode_step_time(model, hardware, t, b, context_len)
             step = format_seconds(s.step_time) + ("" if s.bound == "memory" else " (compute-bound)")
-            rows.append((t, b, format_bytes(s.weight_bytes), format_bytes(s.kv_cache_bytes), "yes" if s.fits else "no",
+            rows.append((t, b, format_binary(s.weight_bytes), format_binary(s.kv_cache_bytes), "yes" if s.fits else "no",
                          format_seconds(s.memory_time), format_seconds(s.compute_time), format_seconds(s.comm_time),
                          f"<b>{step}</b>", f"{s.tokens_per_second:,.0f}"))
     caption = f"{model.name} on {hardware.name}, context {context_len} tokens per request"
@@ -103,7 +104,8 @@ def roofline_calculator(
     batch_size: int = 1,
     context_len: int = 1024,
 ) -> ipywidgets.VBox:
-    """Controls for model, hardware, TP size, batch and context; the table updates live (needs a kernel)."""
+    """Controls for model, hardware, TP size, batch and context; the table updates in a Python callback
+    (kernel-only: in the book, tag its cell ``remove-output``; :func:`roofline_explorer` is its static twin)."""
     import ipywidgets as widgets
 
     style = {"description_width": "initial"}
@@ -146,13 +148,6 @@ def roofline_explorer(
     style = {"description_width": "initial"}
     tp_w = widgets.SelectionSlider(options=[str(t) for t in tp_sizes], description="TP size", style=style)
     batch_w = widgets.SelectionSlider(options=[str(b) for b in batch_sizes], description="batch", style=style)
-    per_tp = []
-    for t in tp_sizes:
-        frames = [widgets.HTML(step_table_html(shape, hw, decode_step_time(shape, hw, t, b, context_len)))
-                  for b in batch_sizes]
-        inner = widgets.Stack(frames, selected_index=0)
-        widgets.jslink((batch_w, "index"), (inner, "selected_index"))
-        per_tp.append(inner)
-    outer = widgets.Stack(per_tp, selected_index=0)
-    widgets.jslink((tp_w, "index"), (outer, "selected_index"))
-    return widgets.VBox([tp_w, batch_w, outer])
+    frames = [[widgets.HTML(step_table_html(shape, hw, decode_step_time(shape, hw, t, b, context_len)))
+               for b in batch_sizes] for t in tp_sizes]
+    return widgets.VBox([tp_w, batch_w, linked_stacks([tp_w, batch_w], frames)])

@@ -37,6 +37,7 @@ from hybridpar.layers.linear import divide, qkv_partition
 from hybridpar.layers.vocab_parallel_embedding import vocab_shard
 from hybridpar.roofline import MODEL_PRESETS, ModelShape
 from hybridpar.viz.colors import TEXT_COLOR, rank_color
+from hybridpar.viz.static import linked_stacks
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -278,8 +279,9 @@ MODELS: dict[str, ModelShape] = {EXAMPLE_MODEL.name: EXAMPLE_MODEL, **MODEL_PRES
 
 def shard_viewer(model: str = EXAMPLE_MODEL.name, kind: str = "qkv", tp_size: int = 4,
                  tp_sizes: Sequence[int] = TP_SIZES) -> ipywidgets.VBox:
-    """Dropdowns for the model, the layer kind and the TP size; redraws in a Python callback (needs a
-    kernel: in the static book it shows its initial view). Model: a name in :data:`MODELS`."""
+    """Dropdowns for the model, the layer kind and the TP size; redraws in a Python callback (kernel-only:
+    in the book, tag its cell ``remove-output``; :func:`shard_explorer` is its static twin). Model: a
+    name in :data:`MODELS`."""
     import ipywidgets as widgets
 
     if model not in MODELS:
@@ -308,11 +310,5 @@ def shard_explorer(model: ModelShape = EXAMPLE_MODEL, kinds: Sequence[str] = LAY
     style = {"description_width": "initial"}
     kind_w = widgets.Dropdown(options=list(kinds), description="layer", style=style)
     tp_w = widgets.ToggleButtons(options=[str(t) for t in tp_sizes], description="TP size", style=style)
-    per_kind = []
-    for kind in kinds:
-        inner = widgets.Stack([widgets.HTML(_frame_html(kind, t, model)) for t in tp_sizes], selected_index=0)
-        widgets.jslink((tp_w, "index"), (inner, "selected_index"))
-        per_kind.append(inner)
-    outer = widgets.Stack(per_kind, selected_index=0)
-    widgets.jslink((kind_w, "index"), (outer, "selected_index"))
-    return widgets.VBox([widgets.HBox([kind_w]), tp_w, outer])
+    frames = [[widgets.HTML(_frame_html(kind, t, model)) for t in tp_sizes] for kind in kinds]
+    return widgets.VBox([widgets.HBox([kind_w]), tp_w, linked_stacks([kind_w, tp_w], frames)])

@@ -21,10 +21,12 @@ so the pictures cannot drift from the code:
 :func:`flow_frames` turns a :class:`StepFlow` into one :class:`FlowFrame` per stage of
 :data:`STAGES` (plan, QKV, scatter, attention, gather, the rest of the layer), :func:`frame_html`
 draws one: a strip of the batch's tokens coloured by the TKNP rank that owns them, and one row per
-global rank with what it holds and does. :func:`tknp_flow_explorer` precomputes every frame
-behind ``jslink``-ed controls (works in the static book); :func:`tknp_flow_widget` recomputes in
-Python callbacks (needs a kernel). :func:`engine_requests` builds the engine workload that reaches
-the same pass, so a real run can be checked against the frames.
+global rank with what it holds and does. :func:`tknp_flow_explorer` (a list of layouts) and
+:func:`tknp_layout_explorer` (a grid of TP x TKNP sizes) precompute every frame behind
+``jslink``-ed controls (they work in the static book); :func:`tknp_flow_widget` recomputes in
+Python callbacks (needs a live kernel). Byte counts are binary (KiB, MiB: :mod:`hybridpar.viz.units`).
+:func:`engine_requests` builds the engine workload that reaches the same pass, so a real run can be
+checked against the frames.
 
 ipywidgets is imported inside the widget functions, so importing this module stays cheap.
 """
@@ -38,10 +40,12 @@ from typing import TYPE_CHECKING
 
 from hybridpar.distributed.parallel_state import RankLayout, compute_layout
 from hybridpar.models.sampling import SamplingParams
-from hybridpar.roofline import MODEL_PRESETS, ModelShape, format_bytes
+from hybridpar.roofline import MODEL_PRESETS, ModelShape
 from hybridpar.tknp.attention import AttentionGeometry, TknpForwardBatch, split_batch
 from hybridpar.tknp.placement import place_all
 from hybridpar.viz.colors import TEXT_COLOR, rank_color
+from hybridpar.viz.static import linked_stacks
+from hybridpar.viz.units import format_binary
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -332,7 +336,7 @@ def flow_frames(flow: StepFlow) -> list[FlowFrame]:
         piece = f"packed {_shape(n, g.packed_heads, g.head_dim)}"
         if c["tknp"] == 0:
             return (f"keeps its own {piece}",
-                    f"sends {format_bytes(flow.scatter_bytes(c['tp']))} per layer to the other ranks", True)
+                    f"sends {format_binary(flow.scatter_bytes(c['tp']))} per layer to the other ranks", True)
         return (f"receives {piece}", "unpacks q, k, v by head counts", n > 0)
 
     frames.append(FlowFrame("scatter", STAGE_TITLES["scatter"],
@@ -345,7 +349,7 @@ def flow_frames(flow: StepFlow) -> list[FlowFrame]:
         n, r = sizes[c["tknp"]], c["tknp"]
         return (f"o {_shape(n, g.num_heads, g.head_dim)}",
                 f"writes {n} new K/V rows into its cache, attends over {kv[r]} KV tokens: reads "
-                f"{format_bytes(flow.kv_read_bytes(r, c['tp']))} per layer", n > 0)
+                f"{format_binary(flow.kv_read_bytes(r, c['tp']))} per layer", n > 0)
 
     frames.append(FlowFrame("attend", STAGE_TITLES["attend"],
                             "Every rank, the root included, attends only for its own requests, against the "
@@ -356,7 +360,7 @@ def flow_frames(flow: StepFlow) -> list[FlowFrame]:
         g = geom(c)
         if c["tknp"] == 0:
             return (f"o {_shape(T, g.num_heads, g.head_dim)}, back in batch order",
-                    f"receives {format_bytes(flow.gather_bytes(c['tp']))} per layer; out[order] = grouped", True)
+                    f"receives {format_binary(flow.gather_bytes(c['tp']))} per layer; out[order] = grouped", True)
         return (f"sends o {_shape(sizes[c['tknp']], g.num_heads, g.head_dim)}", "gatherv to the root",
                 sizes[c["tknp"]] > 0)
 
@@ -446,14 +450,51 @@ def tknp_flow_explorer(flows: Sequence[StepFlow] | None = None) -> ipywidgets.VB
     style = {"description_width": "initial"}
     pick = widgets.Dropdown(options=[f.label for f in flows], description="layout", style=style)
     slider = widgets.IntSlider(value=0, min=0, max=len(STAGES) - 1, description="stage", style=style)
-    per_flow = []
-    for flow in flows:
-        inner = widgets.Stack([widgets.HTML(frame_html(flow, f)) for f in flow_frames(flow)], selected_index=0)
-        widgets.jslink((slider, "value"), (inner, "selected_index"))
-        per_flow.append(inner)
-    outer = widgets.Stack(per_flow, selected_index=0)
-    widgets.jslink((pick, "index"), (outer, "selected_index"))
-    return widgets.VBox([widgets.HBox([pick, slider]), outer])
+    frames = [[widgets.HTML(frame_html(flow, f)) for f in flow_frames(flow)] for flow in flows]
+    return widgets.VBox([widgets.HBox([pick, slider]), linked_stacks([pick, slider], frames)])
+
+
+def layout_frames_html(model: ModelShape | str, tensor_parallel_size: int, token_parallel_size: int,
+                       requests: Sequence[FlowRequest], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[str]:
+    """The HTML of every stage of one layout's pass, or, for a layout the model cannot take, one
+    message per stage that says why."""
+    try:
+        flow = step_flow(model, tensor_parallel_size, token_parallel_size, requests, max_new_tokens)
+    except ValueError as err:
+        t, k = tensor_parallel_size, token_parallel_size
+        return [f'<div class="hybridpar-tknp-flow"><p><b>TP {t} x TKNP {k}, {html.escape(STAGE_TITLES[stage])}:'
+                f'</b> not a valid layout. {html.escape(str(err))}</p></div>' for stage in STAGES]
+    return [frame_html(flow, f) for f in flow_frames(flow)]
+
+
+def tknp_layout_explorer(model: str = "tiny", requests: Sequence[FlowRequest] = DEFAULT_REQUESTS,
+                         tp_sizes: Sequence[int] = (1, 2, 4), tknp_sizes: Sequence[int] = (1, 2, 3, 4),
+                         tensor_parallel_size: int = 1, token_parallel_size: int = 2,
+                         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> ipywidgets.VBox:
+    """TP and TKNP toggle buttons and a stage slider over one batch: every (TP, TKNP, stage) is drawn
+    in advance and picked through ``jslink``-ed stacks, so every control works in the static book.
+
+    The static twin of :func:`tknp_flow_widget`: the model and the batch are arguments (call again for
+    others, e.g. with :func:`random_requests`); ``tensor_parallel_size`` and ``token_parallel_size``
+    are the layout shown first.
+    """
+    import ipywidgets as widgets
+
+    if tensor_parallel_size not in tp_sizes or token_parallel_size not in tknp_sizes:
+        raise ValueError(f"the first layout TP {tensor_parallel_size} x TKNP {token_parallel_size} must be one of "
+                         f"tp_sizes={tuple(tp_sizes)} x tknp_sizes={tuple(tknp_sizes)}")
+    requests = tuple(requests)
+    style = {"description_width": "initial"}
+    buttons = {"description_width": "initial", "button_width": "3em"}
+    tp_w = widgets.ToggleButtons(options=[str(t) for t in tp_sizes], value=str(tensor_parallel_size),
+                                 description="TP", style=buttons)
+    tknp_w = widgets.ToggleButtons(options=[str(k) for k in tknp_sizes], value=str(token_parallel_size),
+                                   description="TKNP", style=buttons)
+    stage_w = widgets.SelectionSlider(options=list(STAGES), value=STAGES[0], description="stage", style=style)
+    frames = [[[widgets.HTML(text) for text in layout_frames_html(model, t, k, requests, max_new_tokens)]
+               for k in tknp_sizes] for t in tp_sizes]
+    stacks = linked_stacks([tp_w, tknp_w, stage_w], frames)
+    return widgets.VBox([widgets.HBox([tp_w, tknp_w]), stage_w, stacks])
 
 
 def random_requests(num_requests: int, seed: int = 0, max_prompt: int = 32, decode_steps: int = 4,
@@ -469,7 +510,8 @@ def random_requests(num_requests: int, seed: int = 0, max_prompt: int = 32, deco
 def tknp_flow_widget(model: str = "tiny", tensor_parallel_size: int = 1, token_parallel_size: int = 2,
                      num_requests: int = 6, seed: int = 0) -> ipywidgets.VBox:
     """Controls for the model, TP and TKNP sizes, the batch (size and seed) and the stage; redraws in a
-    Python callback (needs a kernel: in the static book it shows its initial view)."""
+    Python callback (kernel-only: in the book, tag its cell ``remove-output``;
+    :func:`tknp_layout_explorer` is its static twin)."""
     import ipywidgets as widgets
 
     style = {"description_width": "initial"}
