@@ -429,4 +429,4 @@ def test_demo_from_a_notebook_and_bad_tp_before_spawning(capsys):
     assert report.baseline["cache_hit_rate"] == 0.0 and len(report.outputs) == 4 and report.prompts == "text"
     with pytest.raises(SystemExit) as exc:
         main(["--tp", "3", *DEMO_ARGS])
-    assert exc.value.code == 2 and "tp" in capsys.readouterr().err.lower()
+    assert exc.value.code == 2 and "tensor_parallel_size" in capsys.readouterr().err
