@@ -3,6 +3,7 @@
 ::
 
     hybridpar generate --tensor-parallel-size 2 --prompt "The radix cache"        # spawns 2 ranks (LLM)
+    hybridpar serve --tensor-parallel-size 2 --port 8000                          # OpenAI-compatible server
     torchrun --nproc-per-node 4 -m hybridpar generate --tensor-parallel-size 2 \\
         --token-parallel-size 2 --enable-token-parallel                          # one rank per process
     hybridpar verify model --tp 2          # the TP model against transformers
@@ -30,8 +31,8 @@ CONFIG_ERRORS = (ParallelConfigError, ValueError, FileNotFoundError)
 DEFAULT_PROMPTS = ["Tensor parallelism splits", "The radix cache", "A token-parallel group"]
 
 
-def _generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text with the engine (LLM) in any layout")
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    """The engine's flags, shared by ``generate`` and ``serve`` (vLLM's names)."""
     p.add_argument("--model", "--model-name", dest="model", default=None,
                    help="built-in name, checkpoint directory or hub id (default: the built-in hybridpar/qwen2-tiny)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -43,10 +44,42 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                         "(the default under torchrun)")
     p.add_argument("--force-cpu", action="store_true", help="gloo on the CPU even where GPUs are present")
     p.add_argument("--dtype", default="auto", help="auto (fp32), fp32, bf16 or fp16")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn the radix cache off")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens of one request")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once per KV pool")
+    p.add_argument("--debug-checks", action="store_true", help="check the radix cache's invariants after every step")
+
+
+def _engine_args(args: argparse.Namespace) -> dict:
+    if args.force_cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks at the GPUs
+    return dict(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
+                token_parallel_size=args.token_parallel_size, enable_token_parallel=args.enable_token_parallel,
+                data_parallel_size=args.data_parallel_size, dtype=args.dtype,
+                enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, debug_checks=args.debug_checks)
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text with the engine (LLM) in any layout")
+    _engine_flags(p)
     p.add_argument("--prompt", action="append", dest="prompts", help="repeat for several prompts")
     p.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=24)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--no-prefix-caching", action="store_true", help="turn the radix cache off")
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the engine (FastAPI + uvicorn)")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the same as --model")
+    _engine_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("HYBRIDPAR_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (env HYBRIDPAR_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds that requests in flight get to finish after SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of configuration errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _serve_parser(sub)
     v = sub.add_parser("verify", help="check a model or token parallelism against a reference")
     v.add_argument("what", choices=["model", "tknp"], help="model: TP vs transformers; tknp: TKNP vs TP")
     d = sub.add_parser("demo", help="run one of the course's demos")
@@ -68,12 +102,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     executor = args.distributed_executor_backend or ("external_launcher" if is_torchrun() else "mp")
-    if args.force_cpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks at the GPUs
-    with LLM(args.model, tensor_parallel_size=args.tensor_parallel_size, token_parallel_size=args.token_parallel_size,
-             enable_token_parallel=args.enable_token_parallel, data_parallel_size=args.data_parallel_size,
-             dtype=args.dtype, enable_prefix_caching=not args.no_prefix_caching,
-             distributed_executor_backend=executor) as llm:
+    with LLM(**_engine_args(args), distributed_executor_backend=executor) as llm:
         outputs = llm.generate(args.prompts or DEFAULT_PROMPTS, params, use_tqdm=False)
     if int(os.environ.get("RANK", "0")) == 0:
         c = llm.config
@@ -87,6 +116,24 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from hybridpar.distributed.launcher import is_torchrun
+    from hybridpar.engine.config import EngineConfig
+    from hybridpar.serving.api_server import run_server
+
+    if is_torchrun() or args.distributed_executor_backend == "external_launcher":
+        raise ValueError("hybridpar serve spawns its own ranks; run it without torchrun and without "
+                         "--distributed-executor-backend external_launcher")
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"the model is given twice ({args.model_tag!r} and --model {args.model!r}); give one")
+        args.model = args.model_tag
+    engine_args = _engine_args(args)
+    EngineConfig(**engine_args).check()  # a bad layout or model fails here, in one line, before any rank starts
+    return run_server(engine_args, args.host, args.port, args.api_key, args.served_model_name, args.drain_timeout,
+                      args.log_level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -96,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             return _run_generate(args)
+        if args.command == "serve":
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            return _run_serve(args)
         if args.command == "verify":
             module = "hybridpar.models.verify" if args.what == "model" else "hybridpar.tknp.verify"
         else:

@@ -9,6 +9,7 @@ noun                   what it is
 ``StepPlan``           one step (a batch) as rank 0 decided it; every rank executes it
 ``RequestResult``      a finished request, as the scheduler returns it
 ``SchedulerMetrics``   cumulative counters of a scheduler
+``SchedulerLoad``      what a scheduler holds right now (running, waiting, KV in use)
 ``StepRecord``         what one step did (the step log)
 =====================  ======================================================================
 
@@ -232,6 +233,26 @@ class SchedulerMetrics:
     @property
     def total_tokens_per_s(self) -> float:
         return (self.prompt_tokens + self.generated_tokens) / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass(frozen=True)
+class SchedulerLoad:
+    """What a scheduler holds right now (rank 0): a server's gauges. ``kv_used_tokens`` counts slots held
+    by requests; cache the tree could evict counts as free."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_used_tokens: int = 0
+    kv_total_tokens: int = 0
+
+    def __add__(self, other: SchedulerLoad) -> SchedulerLoad:
+        return SchedulerLoad(self.running + other.running, self.waiting + other.waiting,
+                             self.kv_used_tokens + other.kv_used_tokens, self.kv_total_tokens + other.kv_total_tokens)
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of the KV pool held by requests, 0..1 (vLLM's ``kv_cache_usage_perc``)."""
+        return self.kv_used_tokens / self.kv_total_tokens if self.kv_total_tokens else 0.0
 
 
 @dataclass

@@ -132,18 +132,18 @@ def run_torchrun(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         teardown_rank()
 
 
-def _set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL this process if the parent dies (e.g. a killed Jupyter kernel)."""
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send this process ``sig`` when its parent dies (e.g. a killed Jupyter kernel)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 def prepare_rank(rank: int, nprocs: int, port: int, quiet: bool) -> None:
     """A spawned rank's first lines: die with the parent, leave Ctrl-C to it, optionally silence fds 1 and 2."""
-    _set_parent_death_signal()
+    set_parent_death_signal()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's job; it kills us.
     if quiet:  # fd-level, so C++ logs (gloo, NCCL) are silenced too
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -12,7 +12,9 @@ rank order::
     pool.close()                                 # or `with RankPool(...) as pool:`
 
 Inside a rank, :func:`report_progress` sends a progress message that the parent hands to the
-``on_progress`` callback of the running call (used for tqdm bars).
+``on_progress`` callback of the running call (tqdm bars, streamed tokens). The other way,
+``pool.post(rank, payload)`` puts a message in a rank's inbox while a call runs there, and the
+method reads it with :func:`read_inbox` (an online engine receives requests and aborts so).
 
 Faults. Every rank reports a failure out of band, on its own pipe, and exits; it never tells its
 peers through a collective they may not be in. The parent wakes on that report (or on the death
@@ -27,6 +29,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import threading
 import time
 import traceback
 import weakref
@@ -47,6 +50,7 @@ from hybridpar.distributed.replies import KILL_GRACE_S, gather_replies, kill_all
 
 _PG_TIMEOUT = datetime.timedelta(days=7)  # ranks idle between calls; the parent watches for faults
 _CONN: Connection | None = None  # in a rank: its pipe to the parent
+_INBOX = "inbox"  # tags a posted message (a call is (method, args, kwargs); None ends the rank)
 
 
 class PoolBrokenError(RuntimeError):
@@ -57,6 +61,19 @@ def report_progress(payload: Any) -> None:
     """Inside a pool rank: send ``payload`` to the parent's ``on_progress``. Elsewhere: nothing."""
     if _CONN is not None:
         _CONN.send_bytes(pickle.dumps(("progress", int(os.environ.get("RANK", 0)), payload, 0.0)))
+
+
+def read_inbox(timeout: float) -> list[Any]:
+    """Inside a pool rank, during a call: the payloads ``post``-ed to this rank, waiting up to ``timeout`` s
+    for the first. Elsewhere: ``[]``."""
+    if _CONN is None or not _CONN.poll(timeout):
+        return []
+    payloads = []
+    while True:
+        _, payload = pickle.loads(_CONN.recv_bytes())  # only posts arrive while a call runs
+        payloads.append(payload)
+        if not _CONN.poll(0):
+            return payloads
 
 
 def _rank_main(rank: int, nprocs: int, backend: str, port: int, quiet: bool, conn: Connection,
@@ -75,6 +92,8 @@ def _rank_main(rank: int, nprocs: int, backend: str, port: int, quiet: bool, con
             message = pickle.loads(conn.recv_bytes())
             if message is None:
                 break
+            if message[0] is _INBOX:
+                continue  # posted after the call that would have read it returned: nobody to read it
             method, m_args, m_kwargs = message
             stage = method
             value = getattr(obj, method)(*m_args, **m_kwargs)
@@ -120,6 +139,8 @@ class RankPool:
             child_end.close()
             self._procs.append(p)
         self.pids: list[int] = [p.pid for p in self._procs]
+        self._by_rank = {rank: conn for conn, rank in self._conns.items()}
+        self._post_lock = threading.Lock()
         self._wait("start-up", start_timeout, None)
 
     @property
@@ -132,12 +153,26 @@ class RankPool:
         if self._broken is not None:
             raise PoolBrokenError(f"this engine's ranks are gone ({self._broken}); build a new one")
         message = pickle.dumps((method, args, kwargs))
-        for conn in self._conns:
-            try:
-                conn.send_bytes(message)
-            except OSError:  # the rank is dead; gather_replies reports it
-                pass
+        with self._post_lock:
+            for conn in self._conns:
+                try:
+                    conn.send_bytes(message)
+                except OSError:  # the rank is dead; gather_replies reports it
+                    pass
         return self._wait(f"call {method!r}", timeout, on_progress)
+
+    def post(self, rank: int, payload: Any) -> None:
+        """Put ``payload`` in rank ``rank``'s inbox, for the call running there (:func:`read_inbox`).
+
+        Thread-safe against a ``call`` waiting in another thread. A dead rank drops it; the running
+        call then fails with that rank's error."""
+        if self._broken is not None:
+            raise PoolBrokenError(f"this engine's ranks are gone ({self._broken}); build a new one")
+        with self._post_lock:
+            try:
+                self._by_rank[rank].send_bytes(pickle.dumps((_INBOX, payload)))
+            except OSError:
+                pass
 
     def _wait(self, what: str, timeout: float, on_progress: Callable[[int, Any], None] | None) -> list[Any]:
         try:

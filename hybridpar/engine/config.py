@@ -27,7 +27,8 @@ class EngineConfig:
     tokens of one request (``None``: the model's ``max_position_embeddings``). KV pool per rank:
     ``kv_cache_tokens`` if given, else ``gpu_memory_utilization`` of the GPU (SGLang's
     ``mem_fraction_static``), or ``cpu_kv_cache_bytes`` on the CPU; under token parallelism each
-    rank's pool holds ``max_num_seqs`` requests of ``max_model_len`` tokens.
+    rank's pool holds ``max_num_seqs`` requests of ``max_model_len`` tokens. ``debug_checks``: the
+    radix cache's integrity check after every step (slow; a broken invariant fails the rank).
     """
 
     model: str | None = None
@@ -46,6 +47,7 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 64 << 20
     chunked_prefill_size: int | None = 8192
     seed: int = 0
+    debug_checks: bool = False
 
     @property
     def parallel(self) -> ParallelConfig:
@@ -89,7 +91,7 @@ class EngineConfig:
                           mem_fraction_static=self.gpu_memory_utilization, cpu_kv_cache_bytes=self.cpu_kv_cache_bytes,
                           max_running_requests=self.max_num_seqs, max_context_len=self.context_len(model),
                           disable_radix_cache=not self.enable_prefix_caching, schedule_policy=self.schedule_policy,
-                          chunked_prefill_size=self.chunked_prefill_size)
+                          chunked_prefill_size=self.chunked_prefill_size, debug_checks=self.debug_checks)
 
     def context_len(self, model: ModelConfig) -> int:
         """Prompt + output tokens one request may have."""

@@ -46,7 +46,7 @@ class LLM:
                  enable_token_parallel: bool | None = None, data_parallel_size: int = 1, dtype: str = "auto",
                  page_size: int = 16, enable_prefix_caching: bool = True, schedule_policy: str = "lpm",
                  max_num_seqs: int = 64, max_model_len: int | None = None, kv_cache_tokens: int | None = None,
-                 gpu_memory_utilization: float = 0.85, seed: int = 0, backend: str = "auto",
+                 gpu_memory_utilization: float = 0.85, seed: int = 0, debug_checks: bool = False, backend: str = "auto",
                  distributed_executor_backend: str = "mp", start_timeout: float = 300.0,
                  worker_cls: Callable[[EngineConfig], Any] = EngineWorker) -> None:
         self.config = EngineConfig(
@@ -54,7 +54,7 @@ class LLM:
             enable_token_parallel=enable_token_parallel, data_parallel_size=data_parallel_size, dtype=dtype,
             page_size=page_size, enable_prefix_caching=enable_prefix_caching, schedule_policy=schedule_policy,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens,
-            gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+            gpu_memory_utilization=gpu_memory_utilization, seed=seed, debug_checks=debug_checks)
         self.model_config = self.config.check()
         self.max_model_len = self.config.context_len(self.model_config)
         self._tokenizer: Any = None
@@ -85,8 +85,8 @@ class LLM:
         texts = [p if isinstance(p, str) else None for p in prompts]
         ids = [self._encode(p) for p in prompts]
         for i, (tokens, sp) in enumerate(zip(ids, params)):
-            self._check_request(i, tokens, sp)
-        replicas = 1 if self.config.token_parallel else self.config.data_parallel_size
+            self.check_request(tokens, sp, f"prompt {i}")
+        replicas = self.num_replicas
         batches: list[list[tuple[list[int], SamplingParams]]] = [[] for _ in range(replicas)]
         for i, (tokens, sp) in enumerate(zip(ids, params)):
             batches[i % replicas].append((tokens, sp))  # round robin over the DP replicas
@@ -163,21 +163,35 @@ class LLM:
             raise ValueError("a prompt must be a string or a list of int token ids")
         return list(prompt)
 
-    def _check_request(self, i: int, ids: list[int], sp: SamplingParams) -> None:
+    def check_request(self, ids: list[int], sp: SamplingParams, what: str = "the prompt") -> None:
+        """Raise a one-line ``ValueError`` if the request cannot run: empty, ids outside the vocabulary, or
+        prompt + ``max_tokens`` beyond ``max_model_len`` (the message gives both numbers)."""
         vocab = self.model_config.vocab_size
         if not ids:
-            raise ValueError(f"prompt {i} is empty; give at least one token")
+            raise ValueError(f"{what} is empty; give at least one token")
         if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (the model's vocabulary)")
+            raise ValueError(f"{what} has token ids outside [0, {vocab}) (the model's vocabulary)")
         if len(ids) + sp.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt {i} ({len(ids)} tokens) + max_tokens ({sp.max_tokens}) exceeds max_model_len="
+            raise ValueError(f"{what} ({len(ids)} tokens) + max_tokens ({sp.max_tokens}) exceeds max_model_len="
                              f"{self.max_model_len}; shorten the prompt or lower max_tokens")
+
+    @property
+    def num_replicas(self) -> int:
+        """Independent schedulers: the DP replicas (one under token parallelism)."""
+        return 1 if self.config.token_parallel else self.config.data_parallel_size
+
+    def reporter_rank(self, replica: int) -> int:
+        """The rank that leads ``replica`` (its TP rank 0): it returns results and reads the inbox."""
+        return replica * self.config.tensor_parallel_size
+
+    @property
+    def executor(self) -> Any:
+        """Where the ranks live (:mod:`~hybridpar.engine.executor`): ``call``, ``post``, ``pids``, ``close``."""
+        return self._pool
 
     def _reporter_results(self, per_rank: list[Any]) -> dict[int, list[Any]]:
         """``{replica: results}`` from the one reporting rank of each replica."""
-        replicas = 1 if self.config.token_parallel else self.config.data_parallel_size
-        tp = self.config.tensor_parallel_size
-        return {r: per_rank[r * tp] for r in range(replicas)}
+        return {r: per_rank[self.reporter_rank(r)] for r in range(self.num_replicas)}
 
     def _output(self, result: Any, prompt: str | None, ids: list[int], sp: SamplingParams) -> RequestOutput:
         text = self.get_tokenizer().decode(result.output_ids, skip_special_tokens=True)

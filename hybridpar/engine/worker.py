@@ -30,8 +30,9 @@ from hybridpar.distributed.parallel_state import (
     get_tp_group,
     initialize_model_parallel,
 )
-from hybridpar.distributed.rank_pool import report_progress
+from hybridpar.distributed.rank_pool import read_inbox, report_progress
 from hybridpar.engine.config import EngineConfig
+from hybridpar.engine.online import serve_online
 from hybridpar.core import SamplingParams
 from hybridpar.core import RequestResult
 from hybridpar.radix.scheduler import TPScheduler
@@ -105,10 +106,29 @@ class EngineWorker:
         if self.is_reporter:
             sched.on_request_finished = lambda r: report_progress((self.replica, len(r.output_ids)))
         results = sched.process_requests()
-        release = getattr(sched, "release_workers", None)
+        self._release_attention_workers()
+        return [results[rid] for rid in rids] if self.is_reporter else None
+
+    def serve(self) -> dict[str, Any] | None:
+        """Serve online until the parent posts ``stop`` (:mod:`hybridpar.engine.online`); returns :meth:`stats`."""
+        if self.attention_worker is not None:
+            self.attention_worker.serve()
+            return None
+        sched = self.scheduler
+        assert sched is not None
+        if self.is_reporter:
+            sched.on_request_finished = None  # reports are StepReports now, not progress-bar ticks
+            serve_online(sched, self.replica, read_inbox, report_progress)
+        else:
+            sched.process_requests()  # follow the leader's plans until its ``done`` plan
+        self._release_attention_workers()
+        return self.stats()
+
+    def _release_attention_workers(self) -> None:
+        """Under TKNP, end the attention workers' ``serve()`` after a run (they keep their pools)."""
+        release = getattr(self.scheduler, "release_workers", None)
         if release is not None:
             release()
-        return [results[rid] for rid in rids] if self.is_reporter else None
 
     def stats(self) -> dict[str, Any] | None:
         """The reporter's cumulative scheduler metrics (cache hit rate, tokens, preemptions)."""

@@ -2,8 +2,7 @@
 
 Usage (SPMD: every rank of the TP group runs the same lines)::
 
-    wrapper = TPRadixAttentionModelWrapper(model_name, page_size=16)
-    sched = TPScheduler(wrapper)
+    sched = TPScheduler(TPRadixAttentionModelWrapper(model_name, page_size=16))
     rid = sched.add_request("What is AI?", max_new_tokens=20)     # same rid on every rank
     results = sched.process_requests()                             # {rid: RequestResult}, every rank
 
@@ -16,7 +15,8 @@ inside ``process_requests``: replay the pool changes on their mirror pools, run 
 the ``done`` plan, which carries the results, so every rank returns the same dict. Sampling
 happens on rank 0 only; the sampled tokens reach the other ranks as the next plan's input ids.
 
-One step (SGLang's event loop, without overlap):
+One step (SGLang's event loop, without overlap; :meth:`TPScheduler.step`, also driven online by
+:mod:`hybridpar.engine.online`):
 
 1. requests whose ``arrival_step`` has come join the waiting queue (continuous batching);
 2. prefill first: the policy orders the queue, the :class:`PrefillAdder` admits what fits (the
@@ -27,11 +27,9 @@ One step (SGLang's event loop, without overlap):
    tree as evictable cache, they go back to the waiting queue and later resume where they were.
 
 Memory pressure, in order: evict unlocked cache (inside allocation); make waiting requests wait
-(the adder's budget); preempt running ones. A request that could never fit (prompt +
-``max_new_tokens`` beyond the pool or the context) is rejected by ``add_request`` with
-:class:`RequestTooLargeError`; nothing else is affected.
+(the adder's budget); preempt running ones. A request that could never fit is rejected by
+``add_request`` (:class:`RequestTooLargeError`); nothing else is affected.
 """
-
 from __future__ import annotations
 
 import time
@@ -40,7 +38,8 @@ from typing import Any, Callable
 
 import torch
 
-from hybridpar.core import RequestResult, RequestTooLargeError, SamplingParams, SchedulerMetrics, ServeReq, StepPlan, StepRecord
+from hybridpar.core import (RequestResult, RequestTooLargeError, SamplingParams, SchedulerLoad, SchedulerMetrics,
+                            ServeReq, StepPlan, StepRecord)
 from hybridpar.models.sampling import sample
 from hybridpar.radix.allocation import alloc_for_decode
 from hybridpar.radix.mem_pool import MHATokenToKVPool, pool_tokens
@@ -59,8 +58,7 @@ class _MeteredRadixCache(RadixCache):
     evicted_tokens = 0
 
     def evict(self, num_tokens: int) -> int:
-        freed = super().evict(num_tokens)
-        self.evicted_tokens += freed
+        self.evicted_tokens += (freed := super().evict(num_tokens))
         return freed
 
 
@@ -95,6 +93,7 @@ class TPScheduler:
                                   self.args.max_running_requests, self.args.use_cuda_graph)
         self.metrics = SchedulerMetrics()
         self.on_request_finished: Callable[[RequestResult], None] | None = None  # rank 0 (progress bars)
+        self.on_token: Callable[[ServeReq, int], None] | None = None  # rank 0: each sampled token (streaming)
         self._next_rid = 0
         if self.is_leader:
             self.tree_cache = _MeteredRadixCache(self.req_to_token_pool, self.allocator, ps,
@@ -183,32 +182,73 @@ class TPScheduler:
         self.pending = []
         results: dict[int, RequestResult] = {}
         step = 0
-        while pending or self._busy():
+        while pending or self.busy():
             while pending and pending[0].arrival_step <= step:
-                req = pending.pop(0)
-                req.arrival_seq, req.arrival_time = self._arrivals, time.perf_counter()
-                self._arrivals += 1
-                self._admit(req)
-            plan = self._get_next_batch()
-            if plan is None:
-                if pending and not self._busy():
+                self.arrive(pending.pop(0))
+            if not self.step(results):
+                if pending and not self.busy():
                     step = pending[0].arrival_step  # idle until the next arrival
                     continue
                 raise RuntimeError(f"{type(self).__name__} stalled: requests wait and nothing can run")
-            self._send(plan)
-            logits = self.runner.execute(plan)
-            self._process_batch_result(plan, logits, results)
-            if self.args.debug_checks:
-                self._check_integrity()
             step += 1
+        self.finish(results, start)
+        return dict(sorted(results.items()))
+
+    # ------------------------------------------- one step at a time (rank 0; the online loop drives these too)
+    def arrive(self, req: ServeReq) -> None:
+        """A request joins the waiting queue now (its arrival time and FCFS order are stamped)."""
+        req.arrival_seq, req.arrival_time = self._arrivals, time.perf_counter()
+        self._arrivals += 1
+        self._admit(req)
+
+    def step(self, results: dict[int, RequestResult]) -> bool:
+        """Decide, broadcast and run one step; finished requests go to ``results``. False: nothing could run."""
+        plan = self._get_next_batch()
+        if plan is None:
+            return False
+        self._send(plan)
+        logits = self.runner.execute(plan)
+        self._process_batch_result(plan, logits, results)
+        if self.args.debug_checks:
+            self._check_integrity()
+        return True
+
+    def finish(self, results: dict[int, RequestResult], start: float) -> None:
+        """After the last step: metrics, then the ``done`` plan that ends the followers' loop."""
         self._finish_run()
         self.metrics.wall_s += time.perf_counter() - start
-        results = dict(sorted(results.items()))
-        self._send(StepPlan("done", payload=(results, self.metrics)))
-        return results
+        self._send(StepPlan("done", payload=(dict(sorted(results.items())), self.metrics)))
+
+    def submit(self, rid: int | str, ids: list[int], sampling: SamplingParams) -> None:
+        """Rank 0, online: check a request (:class:`RequestTooLargeError` if it can never run) and queue it now."""
+        self._validate(ids, sampling.max_new_tokens, 0)
+        self.arrive(ServeReq(rid, list(ids), sampling=sampling))
+
+    def live_requests(self) -> list[ServeReq]:
+        """Every request held: waiting, running, half prefilled."""
+        return self.waiting + self.running + ([self.chunked_req] if self.chunked_req is not None else [])
+
+    def abort(self, rid: int | str) -> ServeReq | None:
+        """Drop request ``rid`` wherever it is (between steps); its KV goes to the tree as cache."""
+        req = next((r for r in self.live_requests() if r.rid == rid), None)
+        if req is None:
+            return None
+        if req.req_pool_idx is not None:  # it holds a row (running, or a prefill chunk done)
+            self.tree_cache.cache_finished_req(req)
+        self.waiting, self.running = [r for r in self.waiting if r is not req], [r for r in self.running if r is not req]
+        self.chunked_req = None if req is self.chunked_req else self.chunked_req
+        req.finish_reason = "abort"
+        return req
+
+    def load(self) -> SchedulerLoad:
+        """Requests running and waiting, and KV tokens held by requests (evictable cache counts as free)."""
+        a, total = self.allocator, self.allocator.size
+        used = total - a.available_size() - self.tree_cache.evictable_size()
+        running = len(self.running) + (self.chunked_req is not None)
+        return SchedulerLoad(running, len(self.waiting), used, total)
 
     # ------------------------------------------- the loop's hooks (TknpScheduler: one state per TKNP rank)
-    def _busy(self) -> bool:
+    def busy(self) -> bool:
         """Whether a request waits, runs or is half prefilled."""
         return bool(self.waiting or self.running or self.chunked_req is not None)
 
@@ -343,6 +383,8 @@ class TPScheduler:
             elif plan.kind == "prefill":
                 self.tree_cache.cache_unfinished_req(req)  # share the prompt with later requests now
                 self.running.append(req)
+            if self.on_token is not None:
+                self.on_token(req, tok)
         if self.chunked_req is not None and self.chunked_req in self._batch:
             self.tree_cache.cache_unfinished_req(self.chunked_req)  # its chunks so far become shareable
 

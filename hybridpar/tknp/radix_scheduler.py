@@ -48,7 +48,7 @@ from hybridpar.radix.pool_sync import (
     pool_digest,
 )
 from hybridpar.radix.schedule_policy import SchedulePolicy
-from hybridpar.core import RequestResult, StepPlan
+from hybridpar.core import RequestResult, SchedulerLoad, StepPlan
 from hybridpar.radix.scheduler import TPScheduler, _MeteredRadixCache
 from hybridpar.core import ServeReq
 from hybridpar.tknp.attention import AttentionGeometry, KVCapacity, TknpForwardBatch, TokenParallelAttention
@@ -196,7 +196,7 @@ class TknpScheduler(TPScheduler):
         self.placement[req.rid] = rank
         self.rank_states[rank].waiting.append(req)
 
-    def _busy(self) -> bool:
+    def busy(self) -> bool:
         return any(s.busy for s in self.rank_states)
 
     def _check_integrity(self) -> None:
@@ -247,6 +247,33 @@ class TknpScheduler(TPScheduler):
                 super()._process_batch_result(rank_plan, mine, results)
             for rid in set(results) - before:
                 self.placer.release(rid)
+
+    def live_requests(self) -> list[ServeReq]:
+        """Every request held, on every TKNP rank."""
+        live: list[ServeReq] = []
+        for rank in range(len(self.rank_states)):
+            with self.as_rank(rank):
+                live += super().live_requests()
+        return live
+
+    def abort(self, rid: int | str) -> ServeReq | None:
+        """TPScheduler's abort on the TKNP rank the request was placed on."""
+        rank = self.placement.get(rid)
+        if rank is None:
+            return None
+        with self.as_rank(rank):
+            req = super().abort(rid)
+        if req is not None:
+            self.placer.release(rid)
+        return req
+
+    def load(self) -> SchedulerLoad:
+        """TPScheduler's load summed over the TKNP group's ranks."""
+        total = SchedulerLoad()
+        for rank in range(len(self.rank_states)):
+            with self.as_rank(rank):
+                total += super().load()
+        return total
 
     # ------------------------------------------------------------------ inspection
     def rank_digests(self) -> list[dict[str, Any]]:
