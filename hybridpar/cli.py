@@ -48,6 +48,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens of one request")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once per KV pool")
     p.add_argument("--debug-checks", action="store_true", help="check the radix cache's invariants after every step")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (GPU)")
 
 
 def _engine_args(args: argparse.Namespace) -> dict:
@@ -57,7 +58,7 @@ def _engine_args(args: argparse.Namespace) -> dict:
                 token_parallel_size=args.token_parallel_size, enable_token_parallel=args.enable_token_parallel,
                 data_parallel_size=args.data_parallel_size, dtype=args.dtype,
                 enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, debug_checks=args.debug_checks)
+                max_num_seqs=args.max_num_seqs, debug_checks=args.debug_checks, enforce_eager=args.enforce_eager)
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:

@@ -29,6 +29,7 @@ class EngineConfig:
     ``mem_fraction_static``), or ``cpu_kv_cache_bytes`` on the CPU; under token parallelism each
     rank's pool holds ``max_num_seqs`` requests of ``max_model_len`` tokens. ``debug_checks``: the
     radix cache's integrity check after every step (slow; a broken invariant fails the rank).
+    ``enforce_eager``: no CUDA graphs (:attr:`use_cuda_graph`).
     """
 
     model: str | None = None
@@ -48,6 +49,7 @@ class EngineConfig:
     chunked_prefill_size: int | None = 8192
     seed: int = 0
     debug_checks: bool = False
+    enforce_eager: bool = False
 
     @property
     def parallel(self) -> ParallelConfig:
@@ -91,7 +93,16 @@ class EngineConfig:
                           mem_fraction_static=self.gpu_memory_utilization, cpu_kv_cache_bytes=self.cpu_kv_cache_bytes,
                           max_running_requests=self.max_num_seqs, max_context_len=self.context_len(model),
                           disable_radix_cache=not self.enable_prefix_caching, schedule_policy=self.schedule_policy,
-                          chunked_prefill_size=self.chunked_prefill_size, debug_checks=self.debug_checks)
+                          chunked_prefill_size=self.chunked_prefill_size, debug_checks=self.debug_checks,
+                          use_cuda_graph=self.use_cuda_graph)
+
+    @property
+    def use_cuda_graph(self) -> bool:
+        """Decode steps replay CUDA graphs where the ranks have GPUs, unless ``enforce_eager`` (vLLM's name);
+        not under token parallelism, whose attention crosses ranks inside the step."""
+        import torch
+
+        return not self.enforce_eager and not self.token_parallel and torch.cuda.is_available()
 
     def context_len(self, model: ModelConfig) -> int:
         """Prompt + output tokens one request may have."""
