@@ -162,6 +162,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_kv(server) -> None:
         assert _info(server.url)["load"]["kv_used_tokens"] > 0  # the request holds KV while it runs
     info = _idle(server.url)  # the client hung up after one chunk; the ranks aborted the request
     assert info["num_requests"] == 0 and info["load"]["kv_used_tokens"] == 0
+    metrics = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert f'finished_reason="abort",model_name="{MODEL}"}} 1.0' in metrics
     assert httpx.get(f"{server.url}/health").status_code == 200  # integrity checks held after every step
 
 

@@ -26,7 +26,7 @@ import secrets
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -63,16 +63,14 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, dra
         yield
         await engine.shutdown(drain_timeout)
 
-    app = FastAPI(title="hybridpar", lifespan=lifespan)
+    async def check_api_key(request: Request) -> None:
+        """Every route but /health: a plain dependency (no HTTP middleware in the path of a stream)."""
+        given = request.headers.get("authorization", "")
+        if api_key is not None and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise HTTPException(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Any) -> Response:
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                                      401)
-        return await call_next(request)
+    app = FastAPI(title="hybridpar", lifespan=lifespan)
+    keyed = [Depends(check_api_key)]
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -84,15 +82,15 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, dra
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(str(exc.detail), exc.status_code)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=keyed)
     async def completions(req: CompletionRequest, raw: Request) -> Any:
         return await serving.create_completion(req, raw)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Any:
         return await serving.create_completion(req, raw)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "hybridpar",
                                              "max_model_len": engine.llm.max_model_len}]}
@@ -101,12 +99,12 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, dra
     async def health() -> Response:
         return Response(status_code=200 if engine.is_running else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=keyed)
     async def prometheus() -> Response:
         metrics.observe_load(engine.total_load())
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/server_info")
+    @app.get("/server_info", dependencies=keyed)
     async def server_info() -> dict[str, Any]:
         c = engine.llm.config
         return {"model": model_name, "tensor_parallel_size": c.tensor_parallel_size,

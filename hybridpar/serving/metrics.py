@@ -10,7 +10,7 @@ metric                                      type       what
 ``hybridpar:prompt_tokens_total``           counter    prompt tokens of finished requests
 ``hybridpar:prefix_cache_hits_total``       counter    of which served from the radix cache
 ``hybridpar:generation_tokens_total``       counter    tokens generated
-``hybridpar:request_success_total``         counter    finished requests, by finish reason
+``hybridpar:request_success_total``         counter    ended requests, by finish reason (``abort``: client left)
 ``hybridpar:time_to_first_token_seconds``   histogram  HTTP request arrival -> first token
 ``hybridpar:time_per_output_token_seconds`` histogram  (last - first token time) / (tokens - 1)
 ``hybridpar:e2e_request_latency_seconds``   histogram  arrival -> last token
@@ -82,6 +82,10 @@ class ServerMetrics:
         n = len(result.output_ids)
         if first_s is not None and n > 1:
             self._tpot.labels(m).observe((last_s - first_s) / (n - 1))
+
+    def observe_aborted(self) -> None:
+        """A request whose client left before it finished (the engine aborted it)."""
+        self._success.labels(self.model_name, "abort").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -103,6 +103,7 @@ class _Call:
         self.s, self.req, self.rid, self.ids, self.arrival = serving, req, rid, ids, arrival
         self.chat = isinstance(req, ChatCompletionRequest)
         self.detok = IncrementalDetokenizer(serving.tokenizer, stop)
+        self.done = False  # its result came back (else, when the client leaves, it counts as aborted)
         self.first_token_s: float | None = None
 
     def on_delta(self, delta: StreamDelta) -> str:
@@ -115,6 +116,7 @@ class _Call:
                 self.s.metrics.observe_first_token(now)
         text = self.detok.push(delta.token_ids, final=delta.finished is not None)
         if delta.finished is not None:
+            self.done = True
             self.s.metrics.observe_finished(delta.finished, self.finish_reason(delta), self.first_token_s, now)
         return text
 
@@ -140,7 +142,7 @@ class _Call:
                 text += self.on_delta(delta)
                 last = delta
         finally:
-            await stream.aclose()  # cancelled (client gone): the engine aborts the request
+            await self._close(stream)  # cancelled (client gone): the engine aborts the request
         return completion_object(self.rid, self.s.model_name, self.choice(text, self.finish_reason(last), False),
                                  self.chat, False, self.usage(last))
 
@@ -167,8 +169,13 @@ class _Call:
         except EngineDeadError as exc:
             yield _sse(error_body(str(exc), "ServiceUnavailableError", 503))
         finally:
-            await stream.aclose()  # the client left mid-stream: the engine aborts the request
+            await self._close(stream)  # the client left mid-stream: the engine aborts the request
         yield "data: [DONE]\n\n"
+
+    async def _close(self, stream: Any) -> None:
+        await stream.aclose()
+        if not self.done:
+            self.s.metrics.observe_aborted()
 
 
 def _sse(obj: dict[str, Any]) -> str:
