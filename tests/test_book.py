@@ -167,6 +167,24 @@ def test_every_chapter_opens_with_its_figure() -> None:
         assert re.search(r"hybridpar\.viz\.(figures|perf_plots) import", text[:first_figure]), chapter.name
 
 
+@pytest.mark.parametrize("lab", sorted((ROOT / "labs").glob("0[1-6]_*.ipynb")), ids=lambda p: p.name)
+def test_labs_predict_then_run_and_solve(lab: Path) -> None:
+    """A lab asks the learner to commit to a number or a choice (a ``my_guess = ...`` cell) before the
+    cell that computes it, at least twice, and every exercise has a hidden solution."""
+    import nbformat
+
+    cells = nbformat.read(lab, as_version=4).cells
+    guesses = [i for i, c in enumerate(cells) if c.cell_type == "code" and c.source.startswith("my_guess = ")]
+    assert len(guesses) >= 2, f"{lab.name}: {len(guesses)} predict-then-run steps, want at least 2"
+    for i in guesses:  # the real thing comes later, and shows the guess next to it
+        assert any("my_guess" in c.source for c in cells[i + 1:] if c.cell_type == "code"), f"{lab.name} cell {i}"
+    exercises = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and "## Exercises" in c.source)
+    numbered = len(re.findall(r"^\d+\. ", cells[exercises].source, re.M))
+    solutions = [c.source for c in cells[exercises + 1:] if c.source.lstrip("`").startswith("{dropdown} Solutions")]
+    assert len(solutions) == 1, f"{lab.name}: the exercises need one hidden {{dropdown}} of solutions after them"
+    assert len(re.findall(r"^\d+\. ", solutions[0], re.M)) == numbered, f"{lab.name}: one solution per exercise"
+
+
 def notebook_of(doc: str) -> object:
     """The cells of a chapter (MyST Markdown, read as myst-nb reads it) or a lab."""
     import nbformat
