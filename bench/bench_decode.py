@@ -13,8 +13,9 @@ steps with CUDA events, the host's work included (input preparation, greedy argm
 * ``compiled``: the graph with RMSNorm, RoPE and SwiGLU fused by ``torch.compile``
   (:mod:`hybridpar.models.fused_ops`; ``--modes ... compiled``).
 
-The roofline step reads every weight once and every request's KV once:
-``t_roof = (weight bytes + B * context * KV bytes per token) / bandwidth``, with the bandwidth
+The roofline step reads every weight once (an untied input embedding only one row per token, so
+its table is left out) and every request's KV once:
+``T_roof = (weight bytes read + B * S * KV bytes per token) / bandwidth`` for a context of ``S`` tokens, with the bandwidth
 measured here by a device-to-device copy. ``fraction = t_roof / t``.
 
     python bench/bench_decode.py                          # GPU: qwen2.5-0.5b-shape, llama-7b-shape
@@ -40,6 +41,16 @@ from hybridpar.radix.mem_pool import kv_bytes_per_token as pool_kv_bytes_per_tok
 def param_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters (a tied embedding counted once)."""
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def read_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters a decode step reads: all of them (a tied embedding once, as the LM head),
+    except an untied input embedding, of which a step looks up one row per token."""
+    params = {id(p): p for p in model.parameters()}
+    embedding = model.model.embed_tokens.weight
+    if embedding is not model.lm_head.weight:
+        params.pop(id(embedding))
+    return sum(p.numel() * p.element_size() for p in params.values())
 
 
 def kv_bytes_per_token(model) -> int:
@@ -107,7 +118,7 @@ def worker(models: list[str], batches: list[int], context: int, iters: int, mode
     rows = []
     for name in models:
         model = build_model(name, device, dtype, get_tp_group())
-        wbytes, kv_tok = param_bytes(model), kv_bytes_per_token(model)
+        wbytes, kv_tok = read_bytes(model), kv_bytes_per_token(model)
         for batch in batches:
             fns, keep = decode_step_fns(model, batch, context, modes)
             kv = batch * context * kv_tok

@@ -160,6 +160,15 @@ def num_params(model: ModelShape, tp_size: int = 1) -> int:
     return model.num_layers * _layer_params(model, tp_size) + embeddings + model.hidden_size
 
 
+def unread_embedding_params(model: ModelShape, tp_size: int = 1) -> int:
+    """Parameters a decode step stores but does not read: an untied input embedding (one rank's shard).
+
+    Decode looks up one row per token, so the table's bytes are not traffic; a tied table is still
+    read in full, as the LM head.
+    """
+    return 0 if model.tie_word_embeddings else math.ceil(model.vocab_size / tp_size) * model.hidden_size
+
+
 def weight_bytes(model: ModelShape, tp_size: int = 1, bytes_per_param: float = 2) -> float:
     """Bytes of weights one TP rank stores (bf16 by default)."""
     return num_params(model, tp_size) * bytes_per_param
@@ -244,8 +253,8 @@ def decode_step_time(
     t = tp_size
     heads = model.num_heads // t
     stored = weight_bytes(model, t, bytes_per_param)
-    input_embedding = 0 if model.tie_word_embeddings else math.ceil(model.vocab_size / t) * model.hidden_size
-    matmul_params = num_params(model, t) - input_embedding - (2 * model.num_layers + 1) * model.hidden_size
+    not_matmul = unread_embedding_params(model, t) + (2 * model.num_layers + 1) * model.hidden_size  # norms
+    matmul_params = num_params(model, t) - not_matmul
     kv_cache = batch_size * context_len * kv_bytes_per_token(model, t, kv_bytes_per_elem)
     bytes_read = matmul_params * bytes_per_param + kv_cache
     attention_flops = 4 * model.num_layers * heads * model.head_dim * context_len

@@ -104,6 +104,87 @@ def test_chapters_are_executable_myst_notebooks(chapter: Path) -> None:
     assert not re.search(r"```(python|ipython3)\n(def|class) ", text), "show package code with literalinclude"
 
 
+MAX_LISTING_LINES = 30  # a listing longer than this is split into pieces (:lines:, or smaller :pyobject:s)
+
+
+def _pyobject_lines(source: str, dotted: str) -> list[str]:
+    """The lines ``:pyobject: dotted`` shows (decorators included), as Sphinx's pyobject filter finds them."""
+    import ast
+
+    nodes, node = ast.parse(source).body, None
+    for part in dotted.split("."):
+        node = next(n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
+        nodes = node.body
+    start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+    return source.splitlines()[start - 1:node.end_lineno]
+
+
+def literalinclude_listings(chapter: Path) -> list[tuple[str, list[str]]]:
+    """``(what, lines shown)`` for every literalinclude of ``chapter`` (:pyobject:, :lines:, :start-at:/:end-at:)."""
+    listings = []
+    for match in re.finditer(r"```\{literalinclude\} (\S+)\n((?::[\w-]+:.*\n)*)", chapter.read_text()):
+        opts = dict(re.findall(r":([\w-]+): (.*)", match[2]))
+        source = (chapter.parent / match[1]).resolve().read_text()
+        lines = _pyobject_lines(source, opts["pyobject"]) if "pyobject" in opts else source.splitlines()
+        if "start-at" in opts:
+            lines = lines[next(i for i, line in enumerate(lines) if opts["start-at"].strip('"') in line):]
+            lines = lines[:next(i for i, line in enumerate(lines) if opts["end-at"].strip('"') in line) + 1]
+        if "lines" in opts:
+            keep = set()
+            for part in opts["lines"].split(","):
+                lo, _, hi = part.partition("-")
+                keep.update(range(int(lo), int(hi or lo) + 1))
+            lines = [line for i, line in enumerate(lines, 1) if i in keep]
+        listings.append((f"{match[1]} {opts.get('pyobject', '')} {opts.get('lines', '')}".strip(), lines))
+    return listings
+
+
+COURSE_CHAPTERS = sorted((ROOT / "chapters").glob("0[1-7]_*.md"))
+
+
+@pytest.mark.parametrize("chapter", COURSE_CHAPTERS, ids=lambda p: p.name)
+def test_listings_are_short_pieces(chapter: Path) -> None:
+    """Code comes in pieces a reader can hold: no literalinclude over MAX_LISTING_LINES lines."""
+    long = [(what, len(lines)) for what, lines in literalinclude_listings(chapter) if len(lines) > MAX_LISTING_LINES]
+    assert not long, f"split these listings (:lines: or a smaller :pyobject:): {long}"
+
+
+def test_no_listing_appears_twice() -> None:
+    seen: dict[str, str] = {}
+    for chapter in COURSE_CHAPTERS:
+        for what, _ in literalinclude_listings(chapter):
+            assert what not in seen, f"{what} is listed in {seen[what]} and again in {chapter.name}: refer back"
+            seen[what] = chapter.name
+
+
+def test_every_chapter_opens_with_its_figure() -> None:
+    """Chapters 1-7 show a figure drawn by the package (a plt.show() cell) before their first listing."""
+    for chapter in COURSE_CHAPTERS:
+        text = chapter.read_text()
+        first_listing = text.find("```{literalinclude}")
+        first_figure = text.find("plt.show()")
+        assert 0 <= first_figure and (first_listing < 0 or first_figure < first_listing), chapter.name
+        assert re.search(r"hybridpar\.viz\.(figures|perf_plots) import", text[:first_figure]), chapter.name
+
+
+@pytest.mark.parametrize("lab", sorted((ROOT / "labs").glob("0[1-6]_*.ipynb")), ids=lambda p: p.name)
+def test_labs_predict_then_run_and_solve(lab: Path) -> None:
+    """A lab asks the learner to commit to a number or a choice (a ``my_guess = ...`` cell) before the
+    cell that computes it, at least twice, and every exercise has a hidden solution."""
+    import nbformat
+
+    cells = nbformat.read(lab, as_version=4).cells
+    guesses = [i for i, c in enumerate(cells) if c.cell_type == "code" and c.source.startswith("my_guess = ")]
+    assert len(guesses) >= 2, f"{lab.name}: {len(guesses)} predict-then-run steps, want at least 2"
+    for i in guesses:  # the real thing comes later, and shows the guess next to it
+        assert any("my_guess" in c.source for c in cells[i + 1:] if c.cell_type == "code"), f"{lab.name} cell {i}"
+    exercises = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and "## Exercises" in c.source)
+    numbered = len(re.findall(r"^\d+\. ", cells[exercises].source, re.M))
+    solutions = [c.source for c in cells[exercises + 1:] if c.source.lstrip("`").startswith("{dropdown} Solutions")]
+    assert len(solutions) == 1, f"{lab.name}: the exercises need one hidden {{dropdown}} of solutions after them"
+    assert len(re.findall(r"^\d+\. ", solutions[0], re.M)) == numbered, f"{lab.name}: one solution per exercise"
+
+
 def notebook_of(doc: str) -> object:
     """The cells of a chapter (MyST Markdown, read as myst-nb reads it) or a lab."""
     import nbformat
@@ -251,6 +332,20 @@ def wait_for_widgets(page: object) -> int:
     return views
 
 
+# Code the reader must read whole: listings and code cells (outputs may scroll). A line wider than its block
+# is clipped behind a scroll bar; hybridpar.css wraps them instead.
+WIDE_CODE_JS = """() => [...document.querySelectorAll('div[class*="highlight-python"] pre, .cell_input pre')]
+  .filter(p => p.scrollWidth > p.clientWidth + 1)
+  .map(p => p.innerText.split('\\n').reduce((a, b) => (a.length >= b.length ? a : b)).slice(0, 60))"""
+
+# The first rendered figure precedes the first listing (literalinclude) in document order.
+FIGURE_FIRST_JS = """() => {
+  const img = document.querySelector('.cell_output img');
+  const listing = document.querySelector('div[class*="highlight-python"]');
+  return !!img && img.complete && img.naturalWidth > 0
+    && (!listing || !!(img.compareDocumentPosition(listing) & Node.DOCUMENT_POSITION_FOLLOWING));
+}"""
+
 GLOSSARY_TERMS = ("TP", "TKNP", "all-reduce", "radix tree", "page", "KV cache", "RadixAttention", "roofline")
 BIBLIOGRAPHY = ("SGLang", "2312.07104", "Megatron-LM", "PagedAttention", "v0.4", "DeepSeek-V3", "Helix",
                 "MegaScale-Infer")
@@ -271,6 +366,8 @@ def test_page_loads_offline_and_renders(browser: object, server: str, doc: str) 
     admonitions = {c for c in ("runs-on-cpu", "needs-gpus") if page.locator(f".admonition.{c}").count()}
     math = page.locator("mjx-container").count()
     terms = page.locator("dl.glossary dt").all_inner_texts()
+    wide_code = page.evaluate(WIDE_CODE_JS)
+    first_figure_before_listing = page.evaluate(FIGURE_FIRST_JS)
     page.context.close()
 
     assert report.status == 200
@@ -279,6 +376,7 @@ def test_page_loads_offline_and_renders(browser: object, server: str, doc: str) 
     assert report.errors == []
     assert "Loading widget" not in text and "Error displaying widget" not in text
     assert rendered == views, f"{views - rendered} of {views} widgets did not render"
+    assert wide_code == [], f"code wider than the page (clipped): {wide_code}"
     if doc in ("search", "genindex"):
         return
     source = source_of(doc).read_text()
@@ -293,6 +391,8 @@ def test_page_loads_offline_and_renders(browser: object, server: str, doc: str) 
         assert "live kernel" in " ".join(text.split()), "the page says which widget needs a live kernel"
     if "plt.show()" in source:
         assert figures and all(figures), "matplotlib figures missing or broken"
+    if doc.startswith("chapters/0") and doc < "chapters/08":  # the opening figure comes before any listing
+        assert first_figure_before_listing, "the chapter's figure must come before its first listing"
     if "$" in source and doc != "bibliography":
         assert math > 0, "MathJax did not typeset the page's math"
     repo = CONFIG["repository"]["url"].removeprefix("https://github.com/")

@@ -9,9 +9,9 @@ Invariants every function keeps:
 * inputs are never modified in place, except by :func:`broadcast` (which fills
   its argument on non-source ranks, like ``torch.distributed.broadcast``);
 * each call is collective: every rank of the group must make it, in the same order;
-* NCCL uses the fused tensor collectives (``all_gather_into_tensor``,
-  ``reduce_scatter_tensor``); gloo, which lacks reduce-scatter, uses
-  list all-gather and all-reduce + chunk instead.
+* reduce-scatter is ``reduce_scatter_tensor`` on every backend (gloo runs it too);
+  all-gather is the fused ``all_gather_into_tensor`` on NCCL and the list
+  ``all_gather`` on gloo.
 """
 
 from __future__ import annotations
@@ -126,8 +126,6 @@ def reduce_scatter(x: torch.Tensor, dim: int = -1, group: GroupCoordinator | Non
     if group.world_size == 1:
         return x
     _check_divisible(x, dim, group, "reduce_scatter")
-    if not _uses_fused_collectives(group):
-        return local_shard(all_reduce(x, group), dim, group)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty(
         (moved.shape[0] // group.world_size, *moved.shape[1:]), dtype=x.dtype, device=x.device

@@ -47,7 +47,7 @@ DESCRIPTIONS: dict[str, tuple[str, str, str]] = {
     "all_reduce": ("every rank holds the element-wise sum of all ranks' tensors",
                    "dist.all_reduce", "after every row-parallel layer: the g operator"),
     "reduce_scatter": ("rank i holds chunk i of the sum",
-                       "dist.reduce_scatter_tensor (NCCL); all-reduce, then keep chunk i (gloo)",
+                       "dist.reduce_scatter_tensor",
                        "sequence parallelism; the first half of a ring all-reduce"),
     "all_gather": ("every rank holds all ranks' tensors, concatenated in rank order",
                    "dist.all_gather_into_tensor (NCCL); dist.all_gather (gloo)",

@@ -64,12 +64,36 @@ def plot_allreduce(record: dict[str, Any]) -> Figure:
 
 
 def decode_rows(*records: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of several ``decode`` results files merged by ``(model, batch)`` (later files add modes)."""
+    """The rows of several ``decode`` results files merged by ``(model, batch)`` (later files add modes),
+    with the roofline of :func:`decode_roofline`."""
     merged: dict[tuple[str, int], dict[str, Any]] = {}
     for record in records:
+        bandwidth = record["results"]["copy_bandwidth"]
         for r in record["results"]["rows"]:
-            merged.setdefault((r["model"], r["batch"]), {}).update(r)
+            merged.setdefault((r["model"], r["batch"]), {}).update(decode_roofline(r, bandwidth))
     return list(merged.values())
+
+
+def decode_roofline(row: dict[str, Any], bandwidth: float) -> dict[str, Any]:
+    """``row`` with its roofline step recomputed from the bytes a decode step reads.
+
+    The results files recorded every parameter byte as read; an untied input embedding is only
+    looked up, one row per token (:func:`hybridpar.roofline.unread_embedding_params`), so its
+    bytes come off ``weight_bytes`` here, and every ``*_roofline_frac`` follows.
+    """
+    from hybridpar.roofline import MODEL_PRESETS, num_params, unread_embedding_params
+
+    shape = MODEL_PRESETS.get(row["model"].removesuffix("-shape"))
+    if shape is None:
+        return dict(row)
+    bytes_per_param = row["weight_bytes"] / num_params(shape)
+    read = row["weight_bytes"] - unread_embedding_params(shape) * bytes_per_param
+    roof = (read + row["kv_bytes"]) / bandwidth
+    out = {**row, "weight_bytes": read, "roofline_s": roof, "roofline_ms": f"{roof * 1e3:.3f}"}
+    for key, value in row.items():
+        if key.endswith("_roofline_frac"):
+            out[key] = roof / row[key.removesuffix("_roofline_frac") + "_s"]
+    return out
 
 
 MODES = (("reference", "x:", "per-request eager (before)"), ("static", "s--", "batched static, eager"),
@@ -204,5 +228,25 @@ def plot_tknp(record: dict[str, Any]) -> Figure:
         ax.set_ylabel("tokens/s")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_step_ladder(rows: list[dict[str, Any]], model: str = "llama-7b-shape", batch: int = 1) -> Figure:
+    """Chapter 7's opening figure: one decode step of ``model`` at ``batch``, the roofline's time and each
+    way of running it, as bars of milliseconds labelled with their share of the roofline."""
+    row = next(r for r in rows if r["model"] == model and r["batch"] == batch)
+    fig, (ax,) = _subplots(1, 9, 2.6)
+    bars = [("roofline: bytes / HBM bandwidth", row["roofline_s"], "black")]
+    bars += [(label, row[f"{mode}_s"], f"C{i}") for i, (mode, _, label) in enumerate(MODES) if f"{mode}_s" in row]
+    for i, (label, seconds, color) in enumerate(bars):
+        ax.barh(i, seconds * 1e3, color=color, alpha=0.75)
+        share = "" if i == 0 else f"  {row['roofline_s'] / seconds:.0%} of the roofline"
+        ax.text(seconds * 1e3, i, f" {seconds * 1e3:.2f} ms{share}", va="center", fontsize=8)
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per decode step")
+    ax.set_xlim(0, max(b[1] for b in bars) * 1e3 * 1.45)
+    ax.set_title(f"one decode step, {model}, batch {batch}, context {row['context']}", fontsize=10)
     fig.tight_layout()
     return fig
