@@ -60,7 +60,10 @@ def run(workload: SharedPrefixWorkload, page_size: int, pool_tokens: int, runnin
             for _ in range(workload.output_len):  # decode: one token and one slot per request per step
                 for req in batch:
                     req.output_ids.append(7)
-                    slots = _alloc(cache, 1)[:1]
+                    if req.kv_len % page_size:  # the open page's next slot
+                        slots = rows.read(req.req_pool_idx, req.kv_len)[-1:] + 1
+                    else:
+                        slots = _alloc(cache, 1)[:1]
                     rows.write(req.req_pool_idx, req.kv_len, slots)
                     req.kv_len += 1
             for req in batch:
