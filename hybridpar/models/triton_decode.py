@@ -121,8 +121,8 @@ def decode_attention_fwd(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
     o_part = torch.empty(b, hq, num_kv_splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, num_kv_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    block_d = triton.next_power_of_2(d)
+    precision = "ieee" if q.dtype == torch.float32 else None  # fp32: exact products, not TF32
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot reduces over at least 16
     _decode_split_kv[(b, hkv, num_kv_splits)](
         q, k_buffer, v_buffer, kv_indptr, kv_lens, kv_indices, o_part, lse, sm_scale * LOG2E,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
