@@ -11,7 +11,9 @@ steps with CUDA events, the host's work included (input preparation, greedy argm
 * ``static``: the batched static decode path of :mod:`hybridpar.models.cuda_graph`, eager;
 * ``graph``: the same, replayed from a CUDA graph (``use_cuda_graph=True``);
 * ``compiled``: the graph with RMSNorm, RoPE and SwiGLU fused by ``torch.compile``
-  (:mod:`hybridpar.models.fused_ops`; ``--modes ... compiled``).
+  (:mod:`hybridpar.models.fused_ops`; ``--modes ... compiled``);
+* ``graph_triton`` / ``compiled_triton``: the same with the Triton paged-decode attention
+  (``attention_backend="triton"``, :mod:`hybridpar.models.triton_decode`) instead of gather + SDPA.
 
 The roofline step reads every weight once (an untied input embedding only one row per token, so
 its table is left out) and every request's KV once:
@@ -85,15 +87,16 @@ def decode_step_fns(model, batch: int, context: int, modes: list[str]) -> dict:
 
         fns["reference"] = reference
         keep.append(cache)
-    for mode in ("static", "graph", "compiled"):
+    for mode in ("static", "graph", "compiled", "graph_triton", "compiled_triton"):
         if mode not in modes:
             continue
-        runner = ContiguousDecodeRunner(model, batch, context, use_cuda_graph=(mode != "static"))
+        runner = ContiguousDecodeRunner(model, batch, context, use_cuda_graph=(mode != "static"),
+                                        attention_backend="triton" if mode.endswith("_triton") else "torch_native")
         fill_random_(runner.cache.k_buffer + runner.cache.v_buffer)
         rows = runner.cache.alloc(batch)
         lens = [context] * batch
 
-        def step(runner=runner, rows=rows, lens=lens, fused=(mode == "compiled")) -> list[int]:
+        def step(runner=runner, rows=rows, lens=lens, fused=mode.startswith("compiled")) -> list[int]:
             from hybridpar.models.fused_ops import disable_compiled_ops, enable_compiled_ops
 
             if not fused:

@@ -1,14 +1,20 @@
-"""hybridpar versus transformers ``generate`` on the same model, weights, GPU and dtype.
+"""hybridpar versus transformers ``generate`` on the same model, weights, GPU and dtype, warmed alike.
 
 For each model shape, one set of random bf16 weights is drawn on the GPU and loaded into both
 hybridpar's decoder and transformers' model (``attn_implementation="sdpa"``). Every request has a
 ``--prompt``-token random prompt and generates exactly ``--new`` tokens (greedy; EOS ignored).
-Tokens/s = generated tokens / wall time of the whole call (prefill included), after one warm-up.
+Tokens/s = generated tokens / wall time of the whole call (prefill included).
 
-* batch 1: ``transformers generate`` vs ``hybridpar generate(use_cuda_graph=True)``;
-* batch ``--batch`` (32): ``transformers generate`` on the padded-free batch vs hybridpar's
-  continuous-batching server (:class:`~hybridpar.radix.scheduler.TPScheduler`, CUDA graphs on),
-  and, for reference, ``hybridpar generate`` on the same batch.
+Fairness (:func:`hybridpar.bench.time_sides`): at each batch size every side gets the same
+``--warmup`` full-length calls at the measured shape, then ``--runs`` timed calls that take turns;
+each row reports the median and the spread (min, max). transformers runs in two set-ups:
+
+* ``transformers``: its default ``generate`` (dynamic cache, eager forward);
+* ``transformers static+compile``: ``cache_implementation="static"``, with which ``generate``
+  compiles the decoding forward on a GPU (its documented fastest set-up; on the CPU it stays eager).
+
+hybridpar runs ``generate(use_cuda_graph=True)`` and, at batch ``--batch`` (32), also its
+continuous-batching server (:class:`~hybridpar.radix.scheduler.TPScheduler`, CUDA graphs on).
 
     python bench/bench_vs_transformers.py
     python bench/bench_vs_transformers.py --cpu          # miniature: tiny models, fp32
@@ -17,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -32,46 +37,44 @@ from hybridpar.bench import (
     build_model,
     format_table,
     random_checkpoint,
-    synchronize,
+    time_sides,
     write_results,
 )
 from hybridpar.distributed.launcher import current_device
 from hybridpar.distributed.parallel_state import get_tp_group, initialize_tensor_parallel
 
 
-def _timed(fn, device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
+HF_SIDES = {"transformers": {}, "transformers static+compile": {"cache_implementation": "static"}}
 
 
 def worker(models: list[str], batch: int, prompt_len: int, new_tokens: int, dtype_name: str, graphs: bool,
-           compile_ops: bool = False, skip_hf: bool = False) -> list:
-    from hybridpar.models.generate import generate
+           compile_ops: bool = False, warmup: int = 2, runs: int = 3) -> list:
     from hybridpar.core import SamplingParams
+    from hybridpar.models.generate import generate
     from hybridpar.radix.scheduler import TPScheduler
 
     initialize_tensor_parallel(1)
     device = current_device()
     dtype = getattr(torch, dtype_name)
+    if compile_ops:
+        from hybridpar.models.fused_ops import enable_compiled_ops
+
+        enable_compiled_ops()  # hybridpar's modules only; transformers' model is unaffected
     rows = []
     for name in models:
         tensors = random_checkpoint(name, device, dtype)
         model = build_model(name, device, dtype, get_tp_group(), tensors=tensors)
-        hf = None if skip_hf else build_hf_model(name, tensors, device, dtype, "sdpa")
+        hf = build_hf_model(name, tensors, device, dtype, "sdpa")
         del tensors
         vocab = model.config.vocab_size
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, min(vocab, 30000), (batch, prompt_len), generator=gen).tolist()
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
 
-        def hf_generate(b: int, n: int = new_tokens) -> list:
+        def hf_generate(b: int, n: int = new_tokens, **kwargs) -> list:
             ids = torch.tensor(prompts[:b], device=device)
             with torch.no_grad():
                 out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs)
             return out[:, prompt_len:].tolist()
 
         def hp_generate(b: int, n: int = new_tokens) -> list:
@@ -84,58 +87,51 @@ def worker(models: list[str], batch: int, prompt_len: int, new_tokens: int, dtyp
                                                 chunked_prefill_size=None, max_prefill_tokens=batch * prompt_len,
                                                 disable_radix_cache=True))
 
-        servers: dict[int, TPScheduler] = {}
-
         def hp_serve(b: int, n: int = new_tokens) -> list:
             # one server per batch size, kept across calls like a running server: its KV pool and
-            # captured graphs persist, so the timed call excludes the one-time capture
+            # captured graphs persist from the warm-up calls
             sched = servers.setdefault(b, TPScheduler(handle))
             for pr in prompts[:b]:
                 sched.add_request(pr, sampling=SamplingParams(max_new_tokens=n, ignore_eos=True))
             return [r.output_ids for r in sched.process_requests().values()]
 
-        runs = [(1, "transformers", hf_generate), (1, "hybridpar generate", hp_generate),
-                (batch, "transformers", hf_generate), (batch, "hybridpar generate", hp_generate),
-                (batch, "hybridpar server", hp_serve)]
-        if skip_hf:
-            runs = [r for r in runs if r[1] != "transformers"]
-        if compile_ops:
-            from hybridpar.models.fused_ops import enable_compiled_ops
-
-            enable_compiled_ops()  # hybridpar's modules only; transformers' model is unaffected
-        for b, label, fn in runs:
-            try:
-                fn(b, 4)  # warm-up: kernels, cuBLAS, graph capture of the small buckets
-                if label != "transformers":
-                    fn(b)  # hybridpar: a full-length warm-up captures every (batch, length) bucket the run meets
-                seconds = _timed(lambda: fn(b), device)
-            except Exception as exc:  # report and go on
-                rows.append({"model": name, "batch": b, "engine": label, "error": f"{type(exc).__name__}: {exc}"[:500]})
-                continue
-            rows.append({"model": name, "batch": b, "engine": label, "seconds": seconds,
-                         "tok_s": b * new_tokens / seconds, "step_ms": seconds / new_tokens * 1e3})
+        servers: dict[int, TPScheduler] = {}
+        for b in sorted({1, batch}):
+            sides = {label: (lambda b=b, kw=kw: hf_generate(b, **kw)) for label, kw in HF_SIDES.items()}
+            sides["hybridpar generate"] = lambda b=b: hp_generate(b)
+            if b > 1:
+                sides["hybridpar server"] = lambda b=b: hp_serve(b)
+            for label, t in time_sides(sides, device, warmup=warmup, runs=runs).items():
+                row = {"model": name, "batch": b, "engine": label, "warmups": t.warmups, "runs": len(t.samples)}
+                if t.error is not None:
+                    row["error"] = t.error
+                else:
+                    lo, hi = t.spread
+                    row.update(seconds=t.median, min_s=lo, max_s=hi, tok_s=b * new_tokens / t.median,
+                               step_ms=t.median / new_tokens * 1e3, step_ms_min=lo / new_tokens * 1e3,
+                               step_ms_max=hi / new_tokens * 1e3)
+                rows.append(row)
         try:
-            if skip_hf:
-                raise RuntimeError("transformers runs skipped (--hf-from)")
             hf_tokens, hp_tokens = hf_generate(1, 16), hp_generate(1, 16)
             rows.append({"model": name, "batch": 1, "engine": "greedy agreement (first 16 tokens)",
                          "agree": sum(a == b for a, b in zip(hf_tokens[0], hp_tokens[0])) / 16})
         except Exception as exc:
             rows.append({"model": name, "engine": "agreement", "error": f"{type(exc).__name__}: {exc}"[:500]})
-        del model, hf, handle
+        del model, hf, handle, servers
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """hybridpar tokens/s over transformers' at the same model and batch."""
+    """hybridpar tokens/s (median) over each transformers set-up's at the same model and batch."""
     out = []
-    base = {(r["model"], r["batch"]): r["tok_s"] for r in rows if r.get("engine") == "transformers"}
-    for r in rows:
-        if r.get("engine", "").startswith("hybridpar") and (r["model"], r["batch"]) in base:
-            out.append({"model": r["model"], "batch": r["batch"], "engine": r["engine"],
-                        "speedup": r["tok_s"] / base[(r["model"], r["batch"])]})
+    for base_label in HF_SIDES:
+        base = {(r["model"], r["batch"]): r["tok_s"] for r in rows if r.get("engine") == base_label and "tok_s" in r}
+        for r in rows:
+            if r.get("engine", "").startswith("hybridpar") and "tok_s" in r and (r["model"], r["batch"]) in base:
+                out.append({"model": r["model"], "batch": r["batch"], "engine": r["engine"], "versus": base_label,
+                            "speedup": r["tok_s"] / base[(r["model"], r["batch"])]})
     return out
 
 
@@ -148,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--compile", action="store_true",
                    help="hybridpar with RMSNorm/RoPE/SwiGLU fused by torch.compile (hybridpar.models.fused_ops)")
-    p.add_argument("--hf-from", default=None, help="reuse the transformers rows of an earlier results file "
-                   "(same recipes, weights, GPU and settings) instead of rerunning them")
+    p.add_argument("--warmup", type=int, default=2, help="full-length warm-up calls per side (the same for every side)")
+    p.add_argument("--runs", type=int, default=3, help="timed calls per side; rows report the median and min/max")
     args = p.parse_args(argv)
     if args.cpu:
         models = args.models or ["qwen2-tiny", "llama-tiny"]
@@ -160,29 +156,24 @@ def main(argv: list[str] | None = None) -> dict:
         models = args.models or ["qwen2.5-0.5b-shape", "llama-7b-shape"]
         batch, prompt, new, dtype, backend = args.batch, args.prompt, args.new, "bfloat16", "nccl"
     compile_ops = args.compile and not args.cpu
-    rows = launch(worker, 1, models, batch, prompt, new, dtype, True, compile_ops, args.hf_from is not None,
+    rows = launch(worker, 1, models, batch, prompt, new, dtype, True, compile_ops, args.warmup, args.runs,
                   backend=backend, timeout=1200)[0]
-    if args.hf_from:
-        import json
-
-        earlier = json.loads(Path(args.hf_from).read_text())
-        rows = [r for r in rows if "error" not in r or r.get("engine") != "agreement"]
-        rows += [dict(r, reused_from=args.hf_from) for r in earlier["results"]["rows"]
-                 if r.get("engine") == "transformers" or "agree" in r]
     timed = [r for r in rows if "tok_s" in r]
-    print(f"generate: {prompt}-token prompts, {new} new tokens, {dtype}")
+    print(f"generate: {prompt}-token prompts, {new} new tokens, {dtype}; "
+          f"every side {args.warmup} warm-up calls, median of {args.runs} runs")
     print(format_table(timed, [("model", "model", ""), ("batch", "B", "d"), ("engine", "engine", ""),
-                               ("tok_s", "tok/s", ".1f"), ("step_ms", "ms/token step", ".2f")]))
+                               ("tok_s", "tok/s", ".1f"), ("step_ms", "ms/token", ".2f"),
+                               ("step_ms_min", "min", ".2f"), ("step_ms_max", "max", ".2f")]))
     sp = speedups(timed)
     print(format_table(sp, [("model", "model", ""), ("batch", "B", "d"), ("engine", "engine", ""),
-                            ("speedup", "x transformers", ".1f")]))
+                            ("versus", "versus", ""), ("speedup", "x", ".2f")]))
     for r in rows:
         if "error" in r:
             print(f"ERROR {r['model']} {r.get('batch')} {r['engine']}: {r['error']}")
         if "agree" in r:
             print(f"{r['model']}: greedy tokens equal to transformers' for {r['agree']:.0%} of the first 16")
-    res = {"prompt_len": prompt, "new_tokens": new, "dtype": dtype, "compiled_ops": compile_ops, "rows": rows,
-           "speedups": sp}
+    res = {"prompt_len": prompt, "new_tokens": new, "dtype": dtype, "compiled_ops": compile_ops,
+           "warmup": args.warmup, "runs": args.runs, "rows": rows, "speedups": sp}
     path = write_results("vs_transformers" + ("_compiled" if compile_ops else ""), res, bench_env("cpu" if args.cpu else None))
     print(f"wrote {path}")
     return res

@@ -24,8 +24,7 @@ for stage in "$@"; do
     tknp) cmd=("$PY" bench/bench_tknp.py --iters 6); label=$two ;;
     tknp4) cmd=("$PY" bench/bench_tknp.py --gpus 4 --iters 6); label=$four ;;
     decode_compiled) cmd=("$PY" bench/bench_decode.py --modes graph compiled --tag _compiled); label=$one ;;
-    vs_transformers_compiled) cmd=("$PY" bench/bench_vs_transformers.py --compile
-      --hf-from bench/results/vs_transformers-nvidia-h200-2026-11-21.json); label=$one ;;
+    vs_transformers_compiled) cmd=("$PY" bench/bench_vs_transformers.py --compile); label=$one ;;
     *) echo "unknown stage $stage"; continue ;;
   esac
   limit_var="LIMIT_$stage"; limit=${!limit_var:-$LIMIT}

@@ -7,6 +7,9 @@
   only from these files; nothing is benchmarked at build time).
 * **Timing.** :func:`time_fn` times a callable with CUDA events on a GPU (``perf_counter`` on the
   CPU) after warm-up, and returns every sample; report the median (:func:`median`).
+  :func:`time_sides` is the fair comparison of several engines: every side gets the same number of
+  full-size warm-up calls at the measured shape, then the timed runs take turns (round robin), and
+  each side reports its median and spread (:class:`SideTiming`).
   :func:`copy_bandwidth` measures the HBM roofline's bandwidth once with a device-to-device copy
   (bytes read + bytes written).
 * **Models with random weights, in memory.** :func:`random_checkpoint` draws every tensor of a
@@ -183,6 +186,56 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, iters: int = 20, 
 
 def median(samples: Iterable[float]) -> float:
     return float(statistics.median(list(samples)))
+
+
+@dataclass
+class SideTiming:
+    """One side of a comparison: its warm-up count, its timed runs (seconds), or the error that stopped it."""
+
+    label: str
+    warmups: int = 0
+    samples: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def median(self) -> float:
+        return median(self.samples)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        return min(self.samples), max(self.samples)
+
+
+def time_sides(sides: dict[str, Callable[[], Any]], device: torch.device | str, warmup: int = 2,
+               runs: int = 3) -> dict[str, SideTiming]:
+    """Time every side of a comparison the same way: ``warmup`` full calls each, then ``runs`` timed calls each.
+
+    The warm-up calls are the measured call itself (same shape, same length), so every side has
+    compiled, autotuned, captured and allocated what the timed runs need. The timed runs take turns
+    (side A, side B, ..., then again), so a drift of the machine hits every side alike. A side that
+    raises is reported with its error and dropped from the remaining turns.
+    """
+    out = {label: SideTiming(label) for label in sides}
+    for label, fn in sides.items():
+        try:
+            for _ in range(warmup):
+                fn()
+                out[label].warmups += 1
+        except Exception as exc:  # report and go on with the other sides
+            out[label].error = f"{type(exc).__name__}: {exc}"[:500]
+    for _ in range(runs):
+        for label, fn in sides.items():
+            if out[label].error is not None:
+                continue
+            try:
+                synchronize(device)
+                t0 = time.perf_counter()
+                fn()
+                synchronize(device)
+                out[label].samples.append(time.perf_counter() - t0)
+            except Exception as exc:
+                out[label].error = f"{type(exc).__name__}: {exc}"[:500]
+    return out
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int = 4 << 30, iters: int = 20) -> float:

@@ -180,7 +180,9 @@ class ServerArgs:
     cache integrity check after every step and verify every KV read (slow; for tests).
     ``use_cuda_graph``: run decode steps through a CUDA-graph runner (batched decode attention over
     static buffers, one graph per batch/length bucket; :mod:`hybridpar.models.cuda_graph`); on the
-    CPU the same static path runs eagerly.
+    CPU the same static path runs eagerly. ``attention_backend``: that path's decode attention,
+    ``"torch_native"`` (gather + SDPA, any device) or ``"triton"`` (paged kernel, CUDA); ``None``
+    picks the device's default (:func:`~hybridpar.models.decode_attention.resolve_attention_backend`).
     """
 
     page_size: int = 16
@@ -200,6 +202,7 @@ class ServerArgs:
     new_token_ratio_decay: float = 0.001
     debug_checks: bool = False
     use_cuda_graph: bool = False
+    attention_backend: str | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: object, minimum: int = 1) -> None:
@@ -224,5 +227,7 @@ class ServerArgs:
         if not 0.0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1.0:
             raise ValueError(f"need 0 <= min_new_token_ratio ({self.min_new_token_ratio}) <= init_new_token_ratio "
                              f"({self.init_new_token_ratio}) <= 1")
+        if self.attention_backend not in (None, "torch_native", "triton"):
+            raise ValueError(f"attention_backend must be 'torch_native' or 'triton', got {self.attention_backend!r}")
         if self.new_token_ratio_decay < 0:
             raise ValueError(f"new_token_ratio_decay must be >= 0, got {self.new_token_ratio_decay}")

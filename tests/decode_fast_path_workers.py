@@ -43,32 +43,45 @@ def fast_path_worker(tp: int, names: list[str], dtype: str = "fp32") -> dict:
     return out
 
 
-def graph_vs_eager_worker(name: str, batch: int, steps: int) -> dict:
-    """On CUDA: the same decode steps through a captured runner and an eager runner (same weights)."""
+def _decode_with_runner(m, prompts: list[list[int]], steps: int, graph: bool, attention_backend: str | None):
+    """Prefill ``prompts`` into a fresh ContiguousDecodeRunner, then ``steps`` greedy decode steps through it."""
+    from hybridpar.models.attention_backend import ForwardBatch
     from hybridpar.models.cuda_graph import ContiguousDecodeRunner
 
+    batch = len(prompts)
+    runner = ContiguousDecodeRunner(m.model, batch, 128, use_cuda_graph=graph, attention_backend=attention_backend)
+    rows = runner.cache.alloc(batch)
+    fb = ForwardBatch.build(runner.cache, rows, [0] * batch, [len(p) for p in prompts], m.device)
+    ids = torch.tensor([t for p in prompts for t in p], device=m.device)
+    logits = m.model.compute_logits(m.model(ids, fb.positions, fb)[fb.last_token_indices()])
+    lens = [len(p) for p in prompts]
+    tokens, all_logits = [], []
+    for _ in range(steps):
+        nxt = logits.argmax(-1)
+        tokens.append(nxt.tolist())
+        lens = [n + 1 for n in lens]
+        logits = runner.decode(rows, lens, nxt).clone()
+        all_logits.append(logits.float().cpu())
+    return tokens, torch.stack(all_logits), runner.runner.captures
+
+
+def graph_vs_eager_worker(name: str, batch: int, steps: int) -> dict:
+    """On CUDA: the same decode steps through a captured runner and an eager runner (same weights)."""
     initialize_tensor_parallel(torch.distributed.get_world_size())
     m = TPRadixAttentionModelWrapper(name, dtype="bf16")
     prompts = [[(7 * i + j) % 250 for j in range(5 + 3 * i)] for i in range(batch)]
-    diffs, same = [], True
-    outs = {}
-    for graph in (True, False):
-        runner = ContiguousDecodeRunner(m.model, batch, 128, use_cuda_graph=graph)
-        rows = runner.cache.alloc(batch)
-        from hybridpar.models.attention_backend import ForwardBatch
-
-        fb = ForwardBatch.build(runner.cache, rows, [0] * batch, [len(p) for p in prompts], m.device)
-        ids = torch.tensor([t for p in prompts for t in p], device=m.device)
-        logits = m.model.compute_logits(m.model(ids, fb.positions, fb)[fb.last_token_indices()])
-        lens = [len(p) for p in prompts]
-        tokens, all_logits = [], []
-        for _ in range(steps):
-            nxt = logits.argmax(-1)
-            tokens.append(nxt.tolist())
-            lens = [n + 1 for n in lens]
-            logits = runner.decode(rows, lens, nxt).clone()
-            all_logits.append(logits.float().cpu())
-        outs[graph] = (tokens, torch.stack(all_logits), runner.runner.captures)
+    outs = {graph: _decode_with_runner(m, prompts, steps, graph, None) for graph in (True, False)}
     same = outs[True][0] == outs[False][0]
     diffs = float((outs[True][1] - outs[False][1]).abs().max())
     return {"same_tokens": same, "max_logit_diff": diffs, "captures": outs[True][2]}
+
+
+def backend_graph_worker(name: str, batch: int, steps: int) -> dict:
+    """On CUDA: the same captured decode steps with the torch_native and the Triton attention backend."""
+    initialize_tensor_parallel(1)
+    m = TPRadixAttentionModelWrapper(name, dtype="bf16")
+    prompts = [[(5 * i + j) % 250 for j in range(4 + 7 * i)] for i in range(batch)]
+    outs = {b: _decode_with_runner(m, prompts, steps, True, b) for b in ("torch_native", "triton")}
+    return {"same_tokens": outs["triton"][0] == outs["torch_native"][0],
+            "max_logit_diff": float((outs["triton"][1] - outs["torch_native"][1]).abs().max()),
+            "captures": {b: o[2] for b, o in outs.items()}}

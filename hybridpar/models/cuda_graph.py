@@ -66,12 +66,13 @@ class DecodeGraphRunner:
 
     ``k_flat``/``v_flat``: per-layer ``[N, Hkv, d]`` stores (:func:`~hybridpar.models.decode_attention.flat_kv`).
     ``scratch_slot``: a slot no request owns (padding writes there). ``use_cuda_graph``: capture and
-    replay on CUDA (ignored on the CPU, where the step always runs eagerly).
+    replay on CUDA (ignored on the CPU, where the step always runs eagerly). ``attention_backend``:
+    ``"torch_native"`` or ``"triton"`` (:func:`~hybridpar.models.decode_attention.resolve_attention_backend`).
     """
 
     def __init__(self, model: torch.nn.Module, k_flat: Sequence[torch.Tensor], v_flat: Sequence[torch.Tensor],
                  scratch_slot: int, max_batch_size: int, max_seq_len: int, use_cuda_graph: bool = True,
-                 scaling: float | None = None) -> None:
+                 scaling: float | None = None, attention_backend: str | None = None) -> None:
         self.model = model
         self.device = k_flat[0].device
         self.use_graph = use_cuda_graph and self.device.type == "cuda"
@@ -80,7 +81,8 @@ class DecodeGraphRunner:
         self.length_buckets = length_buckets(max_seq_len)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         head_dim = k_flat[0].shape[-1]
-        self.backend = StaticDecodeBackend(k_flat, v_flat, scaling if scaling is not None else head_dim ** -0.5)
+        self.backend = StaticDecodeBackend(k_flat, v_flat, scaling if scaling is not None else head_dim ** -0.5,
+                                           attention_backend)
         kw = dict(dtype=torch.int64, device=self.device)
         self.input_ids = torch.zeros(max_batch_size, **kw)
         self.seq_lens = torch.ones(max_batch_size, **kw)
@@ -175,13 +177,13 @@ class ContiguousDecodeRunner:
     """
 
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_seq_len: int,
-                 use_cuda_graph: bool = True) -> None:
+                 use_cuda_graph: bool = True, attention_backend: str | None = None) -> None:
         self.cache: ContiguousKVCache = model.make_kv_cache(max_batch_size + 1, max_seq_len)
         self.scratch_row = self.cache.alloc(1)[0]
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.runner = DecodeGraphRunner(model, flat_kv(self.cache.k_buffer), flat_kv(self.cache.v_buffer),
                                         self.scratch_row * max_seq_len, max_batch_size, max_seq_len,
-                                        use_cuda_graph, self.cache.scaling)
+                                        use_cuda_graph, self.cache.scaling, attention_backend)
         self._positions = torch.arange(max_seq_len, device=self.runner.device)
 
     def fits(self, batch_size: int, seq_len: int) -> bool:
@@ -208,10 +210,10 @@ class PagedDecodeRunner:
     """
 
     def __init__(self, model: torch.nn.Module, kv_pool: object, req_to_token: torch.Tensor, max_batch_size: int,
-                 use_cuda_graph: bool = True, scaling: float | None = None) -> None:
+                 use_cuda_graph: bool = True, scaling: float | None = None, attention_backend: str | None = None) -> None:
         self.req_to_token = req_to_token
         self.runner = DecodeGraphRunner(model, kv_pool.k_buffer, kv_pool.v_buffer, 0, max_batch_size,
-                                        req_to_token.shape[1], use_cuda_graph, scaling)
+                                        req_to_token.shape[1], use_cuda_graph, scaling, attention_backend)
 
     def decode(self, req_pool_indices: Sequence[int], seq_lens: Sequence[int], out_cache_loc: torch.Tensor,
                input_ids: torch.Tensor) -> torch.Tensor:
@@ -226,7 +228,7 @@ class PagedDecodeRunner:
 
 
 def contiguous_runner_for(model: torch.nn.Module, batch_size: int, seq_len: int,
-                          use_cuda_graph: bool = True) -> ContiguousDecodeRunner:
+                          use_cuda_graph: bool = True, attention_backend: str | None = None) -> ContiguousDecodeRunner:
     """The model's cached :class:`ContiguousDecodeRunner`, rebuilt only when it is too small.
 
     Kept on the model so that repeated ``generate`` calls reuse the cache and the captured graphs.
@@ -234,12 +236,13 @@ def contiguous_runner_for(model: torch.nn.Module, batch_size: int, seq_len: int,
     """
     runner: ContiguousDecodeRunner | None = getattr(model, "_hybridpar_decode_runner", None)
     if runner is not None and runner.fits(batch_size, seq_len) and runner.runner.use_graph == (
-            use_cuda_graph and runner.runner.device.type == "cuda"):
+            use_cuda_graph and runner.runner.device.type == "cuda") and (
+            attention_backend is None or runner.runner.backend.attention_backend == attention_backend):
         return runner
     if runner is not None:
         batch_size, seq_len = max(batch_size, runner.max_batch_size), max(seq_len, runner.max_seq_len)
         model._hybridpar_decode_runner = None
         del runner
-    runner = ContiguousDecodeRunner(model, batch_size, seq_len, use_cuda_graph)
+    runner = ContiguousDecodeRunner(model, batch_size, seq_len, use_cuda_graph, attention_backend)
     model._hybridpar_decode_runner = runner
     return runner

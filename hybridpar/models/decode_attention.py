@@ -29,7 +29,12 @@ before each step.
 
 Cost: the gather copies the live KV once more (read + write) before attention reads it; at batch
 1 this is small next to the weights, at large batches and long contexts it is the step's main
-extra traffic (a paged-attention kernel that reads the slots in place would remove it).
+extra traffic.
+
+Attention backends (SGLang's names, ``--attention-backend``): ``"torch_native"`` is the gather +
+SDPA path above, the reference and the CPU path; ``"triton"`` is a split-KV paged-decode kernel
+that reads every slot in place (:mod:`hybridpar.models.triton_decode`), on CUDA only.
+:func:`resolve_attention_backend` turns ``None`` into the default for the device.
 """
 
 from __future__ import annotations
@@ -40,6 +45,20 @@ import torch
 import torch.nn.functional as F
 
 from hybridpar.models.attention_backend import AttentionBackend, ForwardBatch, ForwardMode
+
+ATTENTION_BACKENDS = ("torch_native", "triton")
+
+
+def resolve_attention_backend(name: str | None, device: torch.device | str) -> str:
+    """The decode attention backend to use: ``name``, or the device's default when ``None``."""
+    device = torch.device(device)
+    if name is None:
+        return "torch_native"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+    if name == "triton" and device.type != "cuda":
+        raise ValueError("attention backend 'triton' needs a CUDA GPU; use 'torch_native' on the CPU")
+    return name
 
 
 def length_mask(seq_lens: torch.Tensor, length: int) -> torch.Tensor:
@@ -84,18 +103,30 @@ class StaticDecodeBackend(AttentionBackend):
     the same bucket.
     """
 
-    def __init__(self, k_flat: Sequence[torch.Tensor], v_flat: Sequence[torch.Tensor], scaling: float) -> None:
+    def __init__(self, k_flat: Sequence[torch.Tensor], v_flat: Sequence[torch.Tensor], scaling: float,
+                 attention_backend: str | None = None) -> None:
         if len(k_flat) != len(v_flat) or not k_flat:
             raise ValueError("need one K and one V store per layer")
         self.k_flat, self.v_flat, self.scaling = list(k_flat), list(v_flat), scaling
+        self.attention_backend = resolve_attention_backend(attention_backend, k_flat[0].device)
         self.slots: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.out_loc: torch.Tensor | None = None
+        self.seq_lens: torch.Tensor | None = None
+        self.kv_indptr: torch.Tensor | None = None
+        self.num_kv_splits = 1
 
     def bind(self, slots: torch.Tensor, seq_lens: torch.Tensor, out_loc: torch.Tensor) -> None:
-        """Point the backend at this step's buffers; builds the length mask that every layer shares."""
-        self.slots, self.out_loc = slots, out_loc
-        self.mask = length_mask(seq_lens, slots.shape[1])
+        """Point the backend at this step's buffers; builds what every layer shares (mask or kv_indptr)."""
+        self.slots, self.out_loc, self.seq_lens = slots, out_loc, seq_lens
+        if self.attention_backend == "torch_native":
+            self.mask = length_mask(seq_lens, slots.shape[1])
+            return
+        from hybridpar.models.triton_decode import num_kv_splits_for
+
+        bb, lb = slots.shape
+        self.kv_indptr = torch.arange(bb, device=slots.device) * lb  # row i of the [bb, lb] table
+        self.num_kv_splits = num_kv_splits_for(bb, self.k_flat[0].shape[1], lb)
 
     def forward(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 forward_batch: ForwardBatch) -> torch.Tensor:
@@ -107,4 +138,9 @@ class StaticDecodeBackend(AttentionBackend):
         k_store, v_store = self.k_flat[layer_id], self.v_flat[layer_id]
         k_store.index_copy_(0, self.out_loc, k.to(k_store.dtype))
         v_store.index_copy_(0, self.out_loc, v.to(v_store.dtype))
+        if self.attention_backend == "triton":
+            from hybridpar.models.triton_decode import decode_attention_fwd
+
+            return decode_attention_fwd(q.contiguous(), k_store, v_store, self.kv_indptr, self.seq_lens,
+                                        self.slots.view(-1), self.scaling, self.num_kv_splits)
         return decode_attention(q, k_store, v_store, self.slots, self.mask, self.scaling)

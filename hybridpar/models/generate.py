@@ -64,11 +64,12 @@ def _agree(tokens: list[int], model: DecoderForCausalLM) -> list[int]:
 def generate(model: DecoderForCausalLM, prompts: Sequence[Sequence[int]],
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
              eos_token_ids: Sequence[int] | None = None, return_logits: bool = False,
-             use_cuda_graph: bool = False) -> list[GenerationOutput]:
+             use_cuda_graph: bool = False, attention_backend: str | None = None) -> list[GenerationOutput]:
     """Generate for a batch of token-id prompts of any lengths; returns one output per prompt.
 
     ``sampling``: one :class:`SamplingParams` for all prompts or one per prompt. ``eos_token_ids``:
-    defaults to the config's EOS ids. ``use_cuda_graph``: the fast decode path (module docstring).
+    defaults to the config's EOS ids. ``use_cuda_graph``: the fast decode path (module docstring), with
+    decode attention ``attention_backend`` (``"torch_native"``, ``"triton"``; ``None``: the device's default).
     """
     params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
     if len(params) != len(prompts):
@@ -83,7 +84,7 @@ def generate(model: DecoderForCausalLM, prompts: Sequence[Sequence[int]],
     if use_cuda_graph:
         from hybridpar.models.cuda_graph import contiguous_runner_for
 
-        runner = contiguous_runner_for(model, len(prompts), max_len)
+        runner = contiguous_runner_for(model, len(prompts), max_len, attention_backend=attention_backend)
         cache = runner.cache
     else:
         cache = model.make_kv_cache(len(prompts), max_len)

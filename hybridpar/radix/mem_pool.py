@@ -104,9 +104,9 @@ class ReqToTokenPool:
     ``req_to_token`` is an int32 tensor ``[size, max_context_len]`` on ``device`` (attention
     kernels read it there). Rows are handed out by :meth:`alloc` and returned by :meth:`free`; a
     row's content is only meaningful in positions ``[0, req.kv_len)`` of the request that holds
-    it. ``host`` is the same table in CPU memory (the very tensor on a CPU pool): every write goes
-    to both, and the scheduler's bookkeeping (:meth:`read`) reads the host copy, so it never
-    waits for the device.
+    it. ``host`` is the same table in CPU memory (the very tensor on a CPU pool; pinned beside a
+    GPU pool): every write goes to both, the device copy queued without a sync, and the
+    scheduler's bookkeeping (:meth:`read`) reads the host copy, so it never waits for the device.
     """
 
     def __init__(self, size: int, max_context_len: int, device: str | torch.device = "cpu") -> None:
@@ -120,7 +120,9 @@ class ReqToTokenPool:
         self.device = torch.device(device)
         self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int32, device=self.device)
         cpu = self.device.type == "cpu"
-        self.host = self.req_to_token if cpu else torch.zeros((size, max_context_len), dtype=torch.int32)
+        # pinned, so that a write's copy to the device is queued on the stream without waiting for it
+        self.host = self.req_to_token if cpu else torch.zeros((size, max_context_len), dtype=torch.int32,
+                                                              pin_memory=True)
         self.clear()
 
     def clear(self) -> None:
@@ -159,8 +161,8 @@ class ReqToTokenPool:
         end = start + len(slots)
         self._check_end(end)
         self.host[row, start:end] = slots.to("cpu", torch.int32)
-        if self.host is not self.req_to_token:
-            self.req_to_token[row, start:end] = self.host[row, start:end].to(self.device)
+        if self.host is not self.req_to_token:  # asynchronous: the host never waits for the GPU here
+            self.req_to_token[row, start:end].copy_(self.host[row, start:end], non_blocking=True)
 
     def write_many(self, rows: Sequence[int], starts: Sequence[int], lens: Sequence[int], slots: torch.Tensor) -> None:
         """:meth:`write` for several rows in one indexed copy: row ``rows[i]`` gets the next ``lens[i]``

@@ -23,13 +23,16 @@ class ModelRunner:
     """Runs plans through ``model`` over ``backend`` (a paged KV pool) on ``device``.
 
     ``use_cuda_graph``: decode steps go through a
-    :class:`~hybridpar.models.cuda_graph.PagedDecodeRunner` for up to ``max_running_requests``.
+    :class:`~hybridpar.models.cuda_graph.PagedDecodeRunner` for up to ``max_running_requests``,
+    whose decode attention is ``attention_backend`` (``"torch_native"``, ``"triton"``; ``None``: the
+    device's default).
     """
 
     def __init__(self, model: Any, backend: AttentionBackend, req_to_token_pool: ReqToTokenPool,
                  kv_pool: MHATokenToKVPool, device: torch.device, max_running_requests: int,
-                 use_cuda_graph: bool = False) -> None:
+                 use_cuda_graph: bool = False, attention_backend: str | None = None) -> None:
         self.model, self.backend, self.device = model, backend, device
+        self.attention_backend = attention_backend
         self.req_to_token_pool, self.kv_pool = req_to_token_pool, kv_pool
         self.max_running_requests, self.use_cuda_graph = max_running_requests, use_cuda_graph
         self.graph_runner: Any = None  # PagedDecodeRunner, built at the first decode step
@@ -58,7 +61,8 @@ class ModelRunner:
             from hybridpar.models.cuda_graph import PagedDecodeRunner
 
             self.graph_runner = PagedDecodeRunner(self.model, self.kv_pool, self.req_to_token_pool.req_to_token,
-                                                  self.max_running_requests, scaling=self.backend.scaling)
+                                                  self.max_running_requests, scaling=self.backend.scaling,
+                                                  attention_backend=self.attention_backend)
         self.backend.filled[loc] = True
         input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
         seq_lens = [p + 1 for p in plan.prefix_lens]

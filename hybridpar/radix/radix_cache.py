@@ -1,7 +1,8 @@
 """RadixCache: a radix tree from token sequences to the KV-cache slots that hold them (SGLang).
 
-Each edge of the tree carries a run of tokens (``node.key``) and the slots of their KV
-(``node.value``, int64, same length). The path from the root to a node spells a token
+Each edge of the tree carries a run of tokens (``node.key``, a
+:class:`~hybridpar.radix.radix_key.RadixKey`: a view of a token list, sliced without copying) and
+the slots of their KV (``node.value``, int64 on the host, same length). The path from the root to a node spells a token
 prefix; its KV is the concatenation of the values on that path, so requests that share a
 prompt prefix share its KV instead of recomputing it.
 
@@ -17,14 +18,18 @@ Invariants (verified by :meth:`RadixCache.check_integrity`):
   tokens are counted in ``protected_size``, the others in ``evictable_size``.
 * LRU: every match or insert stamps the nodes it walks with the next value of a logical
   clock, so a parent is never older than its children; :meth:`evict` frees unlocked leaves
-  oldest first. The clock is a counter, not wall time, so runs are reproducible.
+  oldest first. The clock is a counter, not wall time, so runs are reproducible. When a walk
+  ends inside a node, SGLang stamps the node *before* splitting it, so the unmatched lower half
+  counts as just used too (``lru_split="both"``, the default); ``lru_split="upper"`` refreshes
+  only the matched upper half (chapter 5's exercise asks which is the better LRU).
+* Host only: keys are Python lists, values CPU tensors; no tree operation touches the GPU.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,11 +37,16 @@ from hybridpar.radix.integrity import IntegrityError, check_integrity
 from hybridpar.core import Req
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.prefix_cache import BasePrefixCache, MatchResult
+from hybridpar.radix.radix_key import RadixKey
+
+LRU_SPLIT_RULES = ("both", "upper")
 
 class TreeNode:
     """One edge of the radix tree: ``key`` tokens whose KV lives in slots ``value``."""
 
-    def __init__(self, node_id: int, key: tuple[int, ...], value: torch.Tensor, parent: TreeNode | None, now: int):
+    __slots__ = ("id", "key", "value", "parent", "children", "lock_ref", "last_access_time")
+
+    def __init__(self, node_id: int, key: RadixKey, value: torch.Tensor, parent: TreeNode | None, now: int):
         self.id = node_id
         self.key = key
         self.value = value
@@ -52,21 +62,13 @@ class TreeNode:
         return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref}, t={self.last_access_time})"
 
 
-def _as_tokens(key: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
-    """``key`` as a tuple of Python ints (keys are compared with C-speed tuple equality)."""
-    if type(key) is tuple:
-        return key
-    if type(key) is list:
-        return tuple(key)
-    return tuple(key.tolist()) if isinstance(key, torch.Tensor) else tuple(map(int, key))
-
-
 class RadixCache(BasePrefixCache):
     """Prefix cache over a :class:`ReqToTokenPool` and a :class:`TokenToKVPoolAllocator`.
 
     ``page_size`` defaults to the allocator's and must equal it. With ``disable=True``
     the tree stays empty: matches return nothing and finished requests free all their
-    slots (the baseline that RadixAttention is compared against).
+    slots (the baseline that RadixAttention is compared against). ``lru_split`` picks the LRU
+    stamp of a node that a walk splits (module docstring).
     """
 
     def __init__(
@@ -75,7 +77,10 @@ class RadixCache(BasePrefixCache):
         token_to_kv_pool_allocator: TokenToKVPoolAllocator,
         page_size: int | None = None,
         disable: bool = False,
+        lru_split: Literal["both", "upper"] = "both",
     ) -> None:
+        if lru_split not in LRU_SPLIT_RULES:
+            raise ValueError(f"lru_split={lru_split!r}; choose one of {LRU_SPLIT_RULES}.")
         if page_size is not None and page_size != token_to_kv_pool_allocator.page_size:
             raise ValueError(
                 f"page_size={page_size} differs from the allocator's page_size="
@@ -86,6 +91,7 @@ class RadixCache(BasePrefixCache):
         self.page_size = token_to_kv_pool_allocator.page_size
         self.device = token_to_kv_pool_allocator.device
         self.disable = disable
+        self.lru_split = lru_split
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -93,7 +99,7 @@ class RadixCache(BasePrefixCache):
         """Forget the whole tree. Like SGLang's flush, the caller also clears both pools."""
         self._clock = 0
         self._next_id = 0
-        self.root_node = self._new_node((), self._empty(), None)
+        self.root_node = self._new_node(RadixKey([]), self._empty(), None)
         self.root_node.lock_ref = 1  # the root is always protected and holds no tokens
         self._evictable_size = 0
         self._protected_size = 0
@@ -129,61 +135,50 @@ class RadixCache(BasePrefixCache):
         self._clock += 1
         return self._clock
 
-    def _new_node(self, key: tuple[int, ...], value: torch.Tensor, parent: TreeNode | None, now: int = 0) -> TreeNode:
+    def _new_node(self, key: RadixKey, value: torch.Tensor, parent: TreeNode | None, now: int = 0) -> TreeNode:
         node = TreeNode(self._next_id, key, value, parent, now)
         self._next_id += 1
         return node
 
-    def child_key(self, key: tuple[int, ...]) -> Any:
-        """Index of a child in its parent: its first token (page_size 1) or first page."""
-        return key[0] if self.page_size == 1 else key[: self.page_size]
-
-    def _match_len(self, a: tuple[int, ...], b: tuple[int, ...]) -> int:
-        """Length of the common prefix of two page-aligned keys, in whole pages.
-
-        One tuple comparison when one key is a prefix of the other (the common case: a
-        cached prefix), else a binary search over pages on slices, so the per-token work
-        runs in C rather than in a Python loop.
-        """
-        ps, n = self.page_size, min(len(a), len(b))
-        if a[:n] == b[:n]:
-            return n
-        lo, hi = 0, n // ps  # invariant: pages [0, lo) agree, pages [0, hi) do not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if a[lo * ps : mid * ps] == b[lo * ps : mid * ps]:
-                lo = mid
-            else:
-                hi = mid
-        return lo * ps
+    def child_key(self, key: RadixKey | Sequence[int]) -> Any:
+        """Index of a child in its parent: its first token (page_size 1) or first page (a tuple)."""
+        return RadixKey.of(key).page(self.page_size)
 
     def _aligned(self, n: int) -> int:
         return n // self.page_size * self.page_size
 
     def _split(self, child: TreeNode, n: int) -> TreeNode:
-        """Cut ``child`` after ``n`` tokens; returns the new upper node (same lock and time)."""
-        upper = self._new_node(child.key[:n], child.value[:n].clone(), child.parent, child.last_access_time)
+        """Cut ``child`` after ``n`` tokens; returns the new upper node (same lock and time).
+
+        Both halves keep views of the same key list and value tensor: nothing is copied.
+        """
+        upper = self._new_node(child.key[:n], child.value[:n], child.parent, child.last_access_time)
         upper.lock_ref = child.lock_ref
-        child.parent.children[self.child_key(child.key)] = upper
-        child.key, child.value, child.parent = child.key[n:], child.value[n:].clone(), upper
-        upper.children[self.child_key(child.key)] = child
+        child.parent.children[child.key.page(self.page_size)] = upper
+        child.key, child.value, child.parent = child.key[n:], child.value[n:], upper
+        upper.children[child.key.page(self.page_size)] = child
         return upper
 
-    def _walk(self, key: tuple[int, ...]) -> tuple[TreeNode, list[torch.Tensor], int]:
+    def _walk(self, key: RadixKey) -> tuple[TreeNode, list[torch.Tensor], int]:
         """Follow ``key`` (page aligned) from the root, splitting the node where it stops.
 
-        Stamps every node on the path with a fresh clock value. Returns the last node,
-        the values along the path, and the matched length.
+        Stamps every node on the path with a fresh clock value (under ``lru_split="both"`` the
+        node where the walk stops is stamped before it is split, so its lower half is fresh too).
+        Returns the last node, the values along the path, and the matched length.
         """
         now = self._tick()
+        ps, both = self.page_size, self.lru_split == "both"
         node, values, pos = self.root_node, [], 0
         node.last_access_time = now
         while pos < len(key):
-            child = node.children.get(self.child_key(key[pos:]))
+            rest = key[pos:]
+            child = node.children.get(rest.page(ps))
             if child is None:
                 break
-            n = self._match_len(child.key, key[pos:])
+            n = child.key.match_len(rest, ps)
             if n < len(child.key):
+                if both:
+                    child.last_access_time = now
                 child = self._split(child, n)
             child.last_access_time = now
             values.append(child.value)
@@ -196,7 +191,7 @@ class RadixCache(BasePrefixCache):
         path = []
         while node is not self.root_node:
             parent = node.parent
-            if parent is None or parent.children.get(self.child_key(node.key)) is not node:
+            if parent is None or parent.children.get(node.key.page(self.page_size)) is not node:
                 raise IntegrityError(
                     f"{node} is not attached to this tree (evicted, or the cache was reset); match the prefix again."
                 )
@@ -211,9 +206,9 @@ class RadixCache(BasePrefixCache):
         May split a node so that ``last_node`` ends exactly at the match; refreshes the
         LRU time of the matched path. Never allocates or frees slots.
         """
-        key = _as_tokens(key)
+        key = RadixKey.of(key)
         key = key[: self._aligned(len(key))]
-        if self.disable or not key:
+        if self.disable or not len(key):
             return MatchResult(self._empty(), self.root_node)
         node, values, _ = self._walk(key)
         return MatchResult(torch.cat(values) if values else self._empty(), node)
@@ -224,16 +219,17 @@ class RadixCache(BasePrefixCache):
         What :meth:`match_prefix` would return the length of, for schedulers that only rank or
         filter requests (LPM, the in-batch filter): no split, no LRU stamp, no tensor work.
         """
-        key = _as_tokens(key)
-        key = key[: self._aligned(len(key))]
         if self.disable:
             return 0
-        node, pos = self.root_node, 0
+        key = RadixKey.of(key)
+        key = key[: self._aligned(len(key))]
+        node, pos, ps = self.root_node, 0, self.page_size
         while pos < len(key):
-            child = node.children.get(self.child_key(key[pos:]))
+            rest = key[pos:]
+            child = node.children.get(rest.page(ps))
             if child is None:
                 break
-            n = self._match_len(child.key, key[pos:])
+            n = child.key.match_len(rest, ps)
             pos += n
             if n < len(child.key):
                 break
@@ -261,7 +257,7 @@ class RadixCache(BasePrefixCache):
         """
         if self.disable:
             raise RuntimeError("insert() on a disabled RadixCache; use cache_finished_req(), which frees the slots.")
-        key = _as_tokens(key)
+        key = RadixKey.of(key)
         if len(key) % self.page_size or len(value) != len(key):
             raise ValueError(
                 f"insert needs len(key) % page_size == 0 and len(value) == len(key), got {len(key)}, "
@@ -269,10 +265,17 @@ class RadixCache(BasePrefixCache):
             )
         node, _, prefix_len = self._walk(key)
         if prefix_len < len(key):
-            leaf = self._new_node(
-                key[prefix_len:], value[prefix_len:].to(self.device, torch.int64).clone(), node, self._clock
+            # the new leaf comes after everything the walk stamped (a node split on the way stays a
+            # tick older, as in SGLang, where the leaf is created after the walk's stamps)
+            now = self._tick()
+            leaf = self._new_node(  # the leaf's own copy of its tokens and slots
+                RadixKey(key[prefix_len:].tolist()), value[prefix_len:].to(self.device, torch.int64).clone(), node, now
             )
-            node.children[self.child_key(leaf.key)] = leaf
+            up = node
+            while up is not None:
+                up.last_access_time = now
+                up = up.parent
+            node.children[leaf.key.page(self.page_size)] = leaf
             self._evictable_size += len(leaf.key)
         return prefix_len
 
@@ -293,7 +296,7 @@ class RadixCache(BasePrefixCache):
             evicted += len(node.key)
             self._evictable_size -= len(node.key)
             parent = node.parent
-            del parent.children[self.child_key(node.key)]
+            del parent.children[node.key.page(self.page_size)]
             if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, parent)
         return evicted
