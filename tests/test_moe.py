@@ -120,3 +120,25 @@ def test_dispatch_plan_and_imbalance():
     assert plan.order.tolist() == [0, 3, 2, 1]
     assert imbalance(plan.expert_counts) == pytest.approx(2 / 0.5)
     assert imbalance([0, 0]) == 1.0
+
+
+def test_engine_rejects_invalid_expert_parallel_layouts_before_spawning():
+    from hybridpar.engine.config import EngineConfig
+
+    bad = EngineConfig(model="hybridpar/qwen2-moe-tiny", tensor_parallel_size=2, token_parallel_size=3,
+                       enable_token_parallel=True, enable_expert_parallel=True)
+    with pytest.raises(ParallelConfigError, match="num_experts=8 is not divisible by the expert-parallel size 6"):
+        bad.check()
+    assert EngineConfig(model="hybridpar/qwen2-moe-tiny", tensor_parallel_size=2, token_parallel_size=2,
+                        enable_token_parallel=True, enable_expert_parallel=True).check().moe.num_experts == 8
+
+
+def test_llm_serves_the_moe_model_with_tensor_parallel_experts(sweep):
+    from hybridpar.core import SamplingParams
+    from hybridpar.engine.llm import LLM
+
+    ref = sweep[0]
+    with LLM(model="hybridpar/qwen2-moe-tiny", tensor_parallel_size=2, backend="gloo") as llm:
+        outs = llm.generate(ref.prompts[:2],
+                            SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == ref.continuations[:2]
