@@ -19,7 +19,7 @@ from hybridpar.models.config import ModelConfig  # noqa: E402
 from hybridpar.models.default_checkpoint import default_model_path  # noqa: E402
 from hybridpar.models.moe_config import check_moe_parallel  # noqa: E402
 from hybridpar.models.verify import FP32_ATOL, hf_reference  # noqa: E402
-from tests.moe_workers import moe_sweep  # noqa: E402
+from hybridpar.tknp.moe_verify import moe_sweep  # noqa: E402
 
 NEW_TOKENS = 8
 TEXTS = ["The capital of France is", "def f(x):", "Tensor parallelism splits every weight", "H"]
@@ -142,3 +142,30 @@ def test_llm_serves_the_moe_model_with_tensor_parallel_experts(sweep):
         outs = llm.generate(ref.prompts[:2],
                             SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == ref.continuations[:2]
+
+
+def test_counted_all_to_all_bytes_match_the_recorded_splits(sweep):
+    from hybridpar.models.moe_comm import counted_volume, expected_ep_volume, tp_experts_volume
+
+    _, _, out = sweep
+    step = [r["tp2xtknp2-ep"]["records"][0][0] for r in out]  # layer 0, prefill
+    vol = counted_volume(step, tp=2)
+    h, b, tokens = step[0].hidden_size, step[0].element_size, sum(r.tokens for r in step)
+    sent = torch.tensor([r.send_sizes for r in step])
+    remote = int(sent.sum() - sent.diagonal().sum())
+    assert sum(vol.all_to_all) == 2 * remote * h * b  # every remote row goes out once and comes back once
+    assert vol.all_reduce == tp_experts_volume(tokens, h, 2).all_reduce == tokens * h * b
+    uniform = expected_ep_volume(tokens, h, 2, tp=2, ep=4)
+    assert sum(uniform.all_to_all) == 2 * round(tokens * 2 * 3 / 4) * h * b
+
+
+def test_routing_widget_draws_every_stage_of_every_layout():
+    from hybridpar.viz.moe_dispatch import LAYOUTS, STAGES, moe_dispatch_explorer, moe_frames_html, moe_routing
+
+    r = moe_routing(6, tp=2, tknp=2)
+    assert [sum(row) for row in r.send_matrix()][2:] == [0, 0]  # non-roots route nothing
+    assert sum(map(sum, r.send_matrix())) == 12
+    frames = moe_frames_html(r)
+    assert len(frames) == len(STAGES) and "empty" in frames[2] and "EP 4 over TP 2 x TKNP 2" in frames[0]
+    box = moe_dispatch_explorer()
+    assert len(box.children[1].children) == len(LAYOUTS)

@@ -1,4 +1,13 @@
-"""Rank functions for tests/test_moe.py (importable, so spawned ranks can run them)."""
+"""The MoE decoder against transformers under every way of spreading its experts (rank functions).
+
+:func:`moe_sweep` runs in each of 4 ranks (``hybridpar.launch(moe_sweep, 4, ...)``) and checks one
+checkpoint under TP 1 and TP 2 with tensor-parallel experts, TP 2 with expert parallelism (EP 2),
+and TP 2 x TKNP 2 with TP experts on the roots and with EP 4 over all four ranks (non-roots run an
+:class:`~hybridpar.tknp.expert_worker.ExpertWorker`). It returns the logits, greedy tokens, weight
+bytes per rank and every dispatch's :class:`~hybridpar.layers.moe_dispatch.DispatchRecord`; the
+reference (``hybridpar.models.verify.hf_reference``) runs in the parent. Used by ``tests/test_moe.py``
+and chapter 10.
+"""
 from __future__ import annotations
 
 from typing import Any
