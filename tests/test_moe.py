@@ -169,3 +169,13 @@ def test_routing_widget_draws_every_stage_of_every_layout():
     assert len(frames) == len(STAGES) and "empty" in frames[2] and "EP 4 over TP 2 x TKNP 2" in frames[0]
     box = moe_dispatch_explorer()
     assert len(box.children[1].children) == len(LAYOUTS)
+
+
+def test_capacity_drops_overflow_and_pads_to_fixed_pieces():
+    from hybridpar.layers.moe_dispatch import capacity_send_sizes, expert_capacity
+
+    cap = expert_capacity(tokens=4, top_k=2, num_experts=8, capacity_factor=1.0)
+    assert cap == 1
+    sent, padded, dropped = capacity_send_sizes([3, 0, 1, 0, 2, 2, 0, 0], ep_size=2, capacity=cap)
+    assert sent == [2, 2] and padded == [4, 4] and dropped == 4
+    assert capacity_send_sizes([3, 0, 1, 0], 2, capacity=3) == ([3, 1], [6, 6], 0)

@@ -18,12 +18,14 @@ and still serves the rows that others send to its experts.
 
 :class:`DispatchRecord` keeps what one step moved (per-expert counts, send and receive sizes
 per rank), so load balance is visible: :func:`imbalance` is ``max / mean`` of the per-expert
-token counts (1.0: perfectly balanced).
+token counts (1.0: perfectly balanced). :func:`capacity_send_sizes` shows what a per-expert capacity
+would do to the pieces: drop the overflow, or pad every piece to a fixed size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -116,3 +118,19 @@ def dispatch_combine(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torc
         records.append(DispatchRecord(layer_id, t, plan.expert_counts.tolist(), plan.send_sizes, recv_sizes,
                                       x.shape[1], x.element_size(), group.rank_in_group))
     return out
+
+
+def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows one expert may take from one rank per step: ``ceil(capacity_factor * tokens * top_k / E)``."""
+    return math.ceil(capacity_factor * tokens * top_k / num_experts)
+
+
+def capacity_send_sizes(expert_counts: Sequence[int], ep_size: int, capacity: int) -> tuple[list[int], list[int], int]:
+    """One rank's dispatch if every expert took at most ``capacity`` of its rows (GShard / Switch style;
+    hybridpar's model never drops, so it stays exact). Returns the variable send sizes after dropping,
+    the sizes of a fixed-size all-to-all that pads every expert's piece to ``capacity`` (no count
+    exchange needed), and the rows dropped."""
+    counts = torch.as_tensor(list(expert_counts))
+    kept = counts.clamp(max=capacity)
+    per_rank = counts.numel() // ep_size
+    return kept.view(ep_size, per_rank).sum(1).tolist(), [capacity * per_rank] * ep_size, int((counts - kept).sum())

@@ -50,6 +50,8 @@ class ExpertWorker(AttentionWorker):
         fb = mine.forward_batch(self.backend, self.device)
         if fb is not None:
             self.backend.init_forward_metadata(fb)
+            self.stats.rows_used.update(mine.req_pool_indices)
+            self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, sum(fb.seq_lens))
         g, moe = self.geometry, self.shard.config.moe
         template = torch.empty(0, g.packed_heads, g.head_dim, dtype=g.dtype, device=self.device)
         no_tokens = torch.empty(0, self.shard.config.hidden_size, dtype=g.dtype, device=self.device)
