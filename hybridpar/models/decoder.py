@@ -13,6 +13,10 @@ q/k norm, tied embeddings, ...), built from hybridpar's TP layers::
     norm           RMSNorm
     lm_head        ParallelLMHead (or tied to embed_tokens); all-gather of the logits
 
+Qwen2-MoE is the same decoder with, in its sparse layers, a :class:`~hybridpar.models.moe.SparseMoeBlock`
+in place of ``mlp`` (router, routed experts as TP slices or by expert parallelism, shared expert;
+one all-reduce).
+
 Module names mirror the Hugging Face checkpoints, so :meth:`DecoderForCausalLM.load_weights`
 only has to map the fused parameters (``q/k/v_proj -> qkv_proj``, ``gate/up_proj -> gate_up_proj``).
 
