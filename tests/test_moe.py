@@ -61,7 +61,7 @@ def test_token_parallel_moe_matches_transformers(sweep, mode):
 
 def test_ep_group_spans_tp_times_tknp_and_experts_live_off_the_roots(sweep):
     _, _, out = sweep
-    assert out[0]["ep_ranks"] == [0, 1, 2, 3]
+    assert out[0]["tp2xtknp2-ep"]["ep_ranks"] == [0, 1, 2, 3]
     ep = [r["tp2xtknp2-ep"]["bytes"] for r in out]
     tp_only = [r["tp2xtknp2-tp"]["bytes"] for r in out]
     # non-roots (ranks 2, 3): experts, no dense weight; EP halves the roots' expert bytes

@@ -107,22 +107,38 @@ def _tknp_pass(path: str, expert_parallel: bool, prompts: list[list[int]], conti
     return {"bytes": weight_bytes(shard), "bytes_read": stats.bytes_read, "records": [list(r) for r in records]}
 
 
-def moe_sweep(path: str, prompts: list[list[int]], continuations: list[list[int]]) -> dict[str, Any]:
-    """On 4 ranks: TP 1 and TP 2 with TP experts, TP 2 with EP 2, then TP 2 x TKNP 2 with TP experts
-    on the roots and with EP 4 over all four ranks. Global rank 0 returns the model outputs; every
-    rank returns its weight bytes and dispatch records."""
-    rank = dist.get_rank()
-    out: dict[str, Any] = {}
-    for tp, modes in ((1, [False]), (2, [False, True])):
-        initialize_model_parallel(tensor_parallel_size=tp)
-        for ep in modes:
-            res = _checks(_model(path, ep), prompts, continuations)
-            out[f"tp{tp}-{'ep' if ep else 'tp'}"] = res if rank < tp else {"bytes": res["bytes"], "records": res["records"]}
+LAYOUTS = ((1, 1, False), (2, 1, False), (2, 1, True), (2, 2, False), (2, 2, True))  # (tp, tknp, expert parallel)
+
+
+def layout_key(tp: int, tknp: int, expert_parallel: bool) -> str:
+    """``"tp2-ep"``, ``"tp2xtknp2-tp"``, ...: the layout and how its experts are spread."""
+    return f"tp{tp}" + (f"xtknp{tknp}" if tknp > 1 else "") + ("-ep" if expert_parallel else "-tp")
+
+
+def run_layout(path: str, prompts: list[list[int]], continuations: list[list[int]], tp: int, tknp: int = 1,
+               expert_parallel: bool = False) -> dict[str, Any]:
+    """Every rank: build the groups of one layout, check the model under it, tear the groups down.
+
+    Without TKNP the first TP group returns the model outputs and every rank its weight bytes and
+    dispatch records; with TKNP the roots' leader returns the logits (teacher forcing through
+    token-parallel attention) and every rank its bytes and records."""
+    initialize_model_parallel(tensor_parallel_size=tp, token_parallel_size=tknp)
+    try:
+        if tknp == 1:
+            res = _checks(_model(path, expert_parallel), prompts, continuations)
+            return res if dist.get_rank() < tp else {"bytes": res["bytes"], "records": res["records"]}
+        rows = (len(prompts) + tknp - 1) // tknp
+        max_len = max(len(p) + len(c) for p, c in zip(prompts, continuations))
+        res = _tknp_pass(path, expert_parallel, prompts, continuations, rows, max_len)
+        res["ep_ranks"] = get_ep_group().ranks
+        return res
+    finally:
         destroy_model_parallel()
-    initialize_model_parallel(tensor_parallel_size=2, token_parallel_size=2)
-    out["ep_ranks"] = get_ep_group().ranks
-    rows, max_len = (len(prompts) + 1) // 2, max(len(p) + len(c) for p, c in zip(prompts, continuations))
-    for ep in (False, True):
-        out[f"tp2xtknp2-{'ep' if ep else 'tp'}"] = _tknp_pass(path, ep, prompts, continuations, rows, max_len)
-    destroy_model_parallel()
-    return out
+
+
+def moe_sweep(path: str, prompts: list[list[int]], continuations: list[list[int]],
+              layouts: tuple[tuple[int, int, bool], ...] = LAYOUTS) -> dict[str, Any]:
+    """On 4 ranks, every layout of :data:`LAYOUTS` in turn (a smaller one runs as independent replicas):
+    TP 1 and TP 2 with TP experts, TP 2 with EP 2, TP 2 x TKNP 2 with TP experts on the roots and
+    with EP 4 over all four ranks. Returns ``{layout_key: run_layout(...)}``."""
+    return {layout_key(*lay): run_layout(path, prompts, continuations, *lay) for lay in layouts}
