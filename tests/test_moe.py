@@ -179,3 +179,14 @@ def test_capacity_drops_overflow_and_pads_to_fixed_pieces():
     sent, padded, dropped = capacity_send_sizes([3, 0, 1, 0, 2, 2, 0, 0], ep_size=2, capacity=cap)
     assert sent == [2, 2] and padded == [4, 4] and dropped == 4
     assert capacity_send_sizes([3, 0, 1, 0], 2, capacity=3) == ([3, 1], [6, 6], 0)
+
+
+def test_predicted_weight_bytes_per_rank_equal_what_the_ranks_allocate(sweep):
+    from hybridpar.tknp.moe_memory import moe_weight_bytes
+    from hybridpar.tknp.moe_verify import LAYOUTS, layout_key
+
+    _, _, out = sweep
+    config = ModelConfig.from_pretrained(default_model_path(name="qwen2-moe-tiny"))
+    for tp, tknp, ep in LAYOUTS:
+        key = layout_key(tp, tknp, ep)
+        assert moe_weight_bytes(config, tp, tknp, ep) == [r[key]["bytes"] for r in out[:tp * tknp]], key
