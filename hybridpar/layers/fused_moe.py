@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridpar.distributed.parallel_state import GroupCoordinator
+from hybridpar.distributed.parallel_state import GroupCoordinator, ParallelConfigError
 from hybridpar.layers.linear import LoadedWeight, _check_shape, _narrow, divide
 from hybridpar.layers.moe_dispatch import DispatchRecord, dispatch_combine
 
@@ -63,7 +63,10 @@ class FusedMoE(nn.Module):
         self.ep_group = ep_group if ep_group is not None and ep_group.world_size > 1 else None
         if ep_group is not None:
             ep, ep_rank = ep_group.world_size, ep_group.rank_in_group
-            self.num_local_experts = divide(num_experts, ep, "num_experts")
+            if num_experts % ep:
+                raise ParallelConfigError(f"num_experts={num_experts} is not divisible by the expert-parallel size "
+                                          f"{ep}; check the layout with hybridpar.models.moe_config.check_moe_parallel")
+            self.num_local_experts = num_experts // ep
             self.first_expert = ep_rank * self.num_local_experts
             self.intermediate_per_rank, self.tp_size, self.tp_rank = intermediate_size, 1, 0
         else:
