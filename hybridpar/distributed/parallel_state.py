@@ -47,6 +47,10 @@ __all__ = [
     "get_dp_group",
     "get_tknp_group",
     "get_external_dp_group",
+    "expert_parallel_groups",
+    "get_ep_group",
+    "get_expert_parallel_rank",
+    "get_expert_parallel_world_size",
     "get_tensor_model_parallel_rank",
     "get_tensor_model_parallel_world_size",
     "get_pipeline_model_parallel_rank",
@@ -155,9 +159,24 @@ def initialize_model_parallel(
             coordinator = _make_coordinator(ranks, rank, backend)
             if coordinator is not None:
                 groups[name] = coordinator
+    for ranks in expert_parallel_groups(layout):
+        coordinator = _make_coordinator(ranks, rank, backend)
+        if coordinator is not None:
+            groups["ep"] = coordinator
     _GROUPS.update(groups)
     _LAYOUT = layout
     return layout
+
+
+def expert_parallel_groups(layout: RankLayout) -> list[list[int]]:
+    """The expert-parallel (EP) groups, as vLLM forms them: the ranks that share every index but TP's
+    -- and TKNP's, when token parallelism is on (the seed: EP spans TP x TKNP). Pure; EP rank
+    ``tknp * tp_size + tp``."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for rank in range(layout.world_size):
+        c = layout.coords(rank)
+        groups.setdefault((c["external_dp"], c["dp"], c["pp"]), []).append(rank)
+    return list(groups.values())
 
 
 def initialize_tensor_parallel(tensor_parallel_size: int) -> RankLayout:
@@ -220,6 +239,19 @@ def get_tknp_group() -> GroupCoordinator:
 
 def get_external_dp_group() -> GroupCoordinator:
     return _get("external_dp")
+
+
+def get_ep_group() -> GroupCoordinator:
+    """The expert-parallel group: TP, or TP x TKNP with token parallelism (:func:`expert_parallel_groups`)."""
+    return _get("ep")
+
+
+def get_expert_parallel_rank() -> int:
+    return get_ep_group().rank_in_group
+
+
+def get_expert_parallel_world_size() -> int:
+    return get_ep_group().world_size
 
 
 def get_tensor_model_parallel_rank() -> int:

@@ -37,6 +37,7 @@ class EngineConfig:
     token_parallel_size: int = 1
     enable_token_parallel: bool | None = None
     data_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE models: whole experts per rank over the EP group (TP, or TP x TKNP)
     dtype: str = "auto"
     page_size: int = 16
     enable_prefix_caching: bool = True
@@ -80,7 +81,12 @@ class EngineConfig:
         self.parallel.validate()
         parse_dtype(self.torch_dtype_name)
         model = ModelConfig.from_pretrained(resolve_model(self.model))
-        check_tp_size(model, self.tensor_parallel_size)
+        check_tp_size(model, self.tensor_parallel_size, enable_expert_parallel=self.enable_expert_parallel)
+        if model.moe is not None:
+            from hybridpar.models.moe_config import check_moe_parallel
+
+            check_moe_parallel(model.moe, self.tensor_parallel_size, self.token_parallel_size, self.token_parallel,
+                               self.enable_expert_parallel)
         if self.max_model_len is not None and not 2 <= self.max_model_len <= model.max_position_embeddings:
             raise ValueError(f"max_model_len must be in [2, {model.max_position_embeddings}] (the model's "
                              f"max_position_embeddings), got {self.max_model_len}")

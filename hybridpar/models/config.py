@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
+from hybridpar.models.moe_config import MOE_ARCHITECTURES, MoeConfig, check_moe_parallel
 from hybridpar.roofline import ModelShape
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -68,6 +69,7 @@ class ModelConfig(ModelShape):
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: str = "float32"
+    moe: MoeConfig | None = None  # Qwen2-MoE: experts, router, shared expert (see moe_config.py)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -81,9 +83,10 @@ class ModelConfig(ModelShape):
         q, kv = self.num_heads * hd, self.num_kv_heads * hd
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv) * self.qkv_bias + h * self.o_bias + 2 * hd * self.qk_norm
         mlp = 3 * h * i + (2 * i + h) * self.mlp_bias
-        per_layer = attn + mlp + 2 * h
+        mlps = sum(self.moe.block_parameters(h) if self.moe is not None and self.moe.is_sparse(layer) else mlp
+                   for layer in range(self.num_layers))
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + h
+        return self.num_layers * (attn + 2 * h) + mlps + embed + h
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,8 +116,9 @@ class ModelConfig(ModelShape):
                 "use_sliding_window=True is not supported (full causal attention only); set it to false")
         heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         attention_bias = bool(getattr(hf, "attention_bias", False))
+        qkv_bias = bool(getattr(hf, "qkv_bias", True)) if arch in MOE_ARCHITECTURES else is_qwen2 or attention_bias
         eos = hf.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or torch.float32
@@ -133,13 +137,14 @@ class ModelConfig(ModelShape):
             rope=rope_config(hf),
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            qkv_bias=True if is_qwen2 else attention_bias,
+            qkv_bias=qkv_bias,
             o_bias=False if is_qwen2 else attention_bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             eos_token_ids=eos_ids,
             bos_token_id=getattr(hf, "bos_token_id", None),
             torch_dtype=dtype_name,
+            moe=MoeConfig.from_hf_config(hf) if arch in MOE_ARCHITECTURES else None,
         )
 
 
@@ -182,7 +187,7 @@ def rope_config(hf: Any) -> RopeConfig:
     )
 
 
-def check_tp_size(config: ModelConfig, tp_size: int) -> None:
+def check_tp_size(config: ModelConfig, tp_size: int, enable_expert_parallel: bool = False) -> None:
     """Raise ``ParallelConfigError`` (a ValueError) naming valid sizes unless ``tp_size`` shards this model.
 
     Pure: call it in the parent before spawning ranks. Heads follow the QKV layer's rule (divide the
@@ -192,6 +197,8 @@ def check_tp_size(config: ModelConfig, tp_size: int) -> None:
     from hybridpar.layers.linear import valid_tp_sizes, validate_tp_size
 
     validate_tp_size(config.num_heads, config.num_kv_heads, tp_size)
+    if config.moe is not None:
+        check_moe_parallel(config.moe, tp_size, enable_expert_parallel=enable_expert_parallel)
     if config.intermediate_size % tp_size:
         from hybridpar.distributed.parallel_state import ParallelConfigError
 

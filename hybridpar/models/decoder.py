@@ -13,6 +13,10 @@ q/k norm, tied embeddings, ...), built from hybridpar's TP layers::
     norm           RMSNorm
     lm_head        ParallelLMHead (or tied to embed_tokens); all-gather of the logits
 
+Qwen2-MoE is the same decoder with, in its sparse layers, a :class:`~hybridpar.models.moe.SparseMoeBlock`
+in place of ``mlp`` (router, routed experts as TP slices or by expert parallelism, shared expert;
+one all-reduce).
+
 Module names mirror the Hugging Face checkpoints, so :meth:`DecoderForCausalLM.load_weights`
 only has to map the fused parameters (``q/k/v_proj -> qkv_proj``, ``gate/up_proj -> gate_up_proj``).
 
@@ -35,6 +39,7 @@ from hybridpar.layers.vocab_parallel_embedding import ParallelLMHead, VocabParal
 from hybridpar.models.attention_backend import ContiguousKVCache, ForwardBatch
 from hybridpar.models.config import ModelConfig, check_tp_size
 from hybridpar.models.loader import LoadedWeight, default_weight_loader
+from hybridpar.models.moe import SparseMoeBlock, expert_param_name
 from hybridpar.models.rotary import RotaryEmbedding
 
 
@@ -92,26 +97,40 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up fused in one column-parallel matmul."""
 
-    def __init__(self, config: ModelConfig, tp_group: GroupCoordinator, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, tp_group: GroupCoordinator, dtype: torch.dtype,
+                 intermediate_size: int | None = None, reduce_results: bool = True) -> None:
         super().__init__()
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=config.mlp_bias,
                                                        params_dtype=dtype, tp_group=tp_group)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=config.mlp_bias, params_dtype=dtype,
-                                           tp_group=tp_group)
+                                           tp_group=tp_group, reduce_results=reduce_results)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
+def make_mlp(config: ModelConfig, layer_id: int, tp_group: GroupCoordinator, dtype: torch.dtype,
+             ep_group: GroupCoordinator | None = None) -> nn.Module:
+    """The dense MLP, or in a sparse layer of an MoE model the :class:`SparseMoeBlock` (whose shared
+    expert is a TP MLP left unreduced: the block reduces once)."""
+    moe = config.moe
+    if moe is None or not moe.is_sparse(layer_id):
+        return MLP(config, tp_group, dtype)
+    shared = MLP(config, tp_group, dtype, moe.shared_expert_intermediate_size, reduce_results=False) \
+        if moe.shared_expert_intermediate_size else None
+    return SparseMoeBlock(config, layer_id, tp_group, ep_group, dtype, shared)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, tp_group: GroupCoordinator, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, tp_group: GroupCoordinator, dtype: torch.dtype,
+                 ep_group: GroupCoordinator | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = Attention(config, layer_id, tp_group, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = MLP(config, tp_group, dtype)
+        self.mlp = make_mlp(config, layer_id, tp_group, dtype, ep_group)
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         h = h + self.self_attn(positions, self.input_layernorm(h), forward_batch)
@@ -119,11 +138,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig, tp_group: GroupCoordinator, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, tp_group: GroupCoordinator, dtype: torch.dtype,
+                 ep_group: GroupCoordinator | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, params_dtype=dtype,
                                                    tp_group=tp_group)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, tp_group, dtype) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp_group, dtype, ep_group)
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
@@ -145,17 +166,18 @@ class DecoderForCausalLM(nn.Module):
 
     ``forward(input_ids [T], positions [T], forward_batch) -> hidden [T, hidden_size]`` (same on
     every rank); ``compute_logits(hidden [N, hidden]) -> [N, vocab_size]`` full-vocabulary logits on
-    every rank.
+    every rank. ``ep_group`` (MoE models): spread the experts by expert parallelism over it
+    (``get_ep_group()``); ``None``: tensor-parallel experts.
     """
 
     def __init__(self, config: ModelConfig, tp_group: GroupCoordinator | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, ep_group: GroupCoordinator | None = None) -> None:
         super().__init__()
         self.config = config
         self.tp_group = tp_group if tp_group is not None else get_tp_group()
-        check_tp_size(config, self.tp_group.world_size)
+        check_tp_size(config, self.tp_group.world_size, enable_expert_parallel=ep_group is not None)
         self.dtype = dtype or torch.get_default_dtype()
-        self.model = DecoderModel(config, self.tp_group, self.dtype)
+        self.model = DecoderModel(config, self.tp_group, self.dtype, ep_group)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=self.dtype,
                                       tp_group=self.tp_group)
         if config.tie_word_embeddings:
@@ -179,8 +201,11 @@ class DecoderForCausalLM(nn.Module):
                                  max_batch_size, max_seq_len, dtype=self.dtype, device=device)
 
     @staticmethod
-    def param_name(checkpoint_name: str) -> tuple[str, str | int | None]:
+    def param_name(checkpoint_name: str) -> tuple[str, str | int | tuple[int, str] | None]:
         """The model parameter a checkpoint tensor loads into, and the shard id to pass its loader."""
+        expert = expert_param_name(checkpoint_name)
+        if expert is not None:
+            return expert
         for fragment, (fused, shard_id) in _STACKED.items():
             if fragment in checkpoint_name:
                 return checkpoint_name.replace(fragment, fused), shard_id
@@ -211,7 +236,8 @@ class DecoderForCausalLM(nn.Module):
             else:
                 loader(param, weight, shard_id)
             loaded[param_name] += 1
-        expected = {name: (3 if ".qkv_proj." in name else 2 if ".gate_up_proj." in name else 1) for name in params}
+        expected = {name: getattr(p, "checkpoint_parts", 3 if ".qkv_proj." in name else 2 if ".gate_up_proj." in name
+                                  else 1) for name, p in params.items()}
         missing = [f"{n} ({loaded[n]} of {expected[n]} parts)" for n in params if loaded[n] != expected[n]]
         if unexpected or missing:
             raise WeightMismatchError(

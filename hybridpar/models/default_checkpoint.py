@@ -176,6 +176,15 @@ _QWEN3_TINY = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32, "attention_bias": False,
 }
 
+_QWEN2_MOE_TINY = {
+    **_qwen2_config(259, 64, 128, 2, 4, 2, max_pos=512, rope_theta=10000.0, eos=_QWEN_EOS, tie=True,
+                    dtype="float32"),
+    "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "qkv_bias": True,
+    "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+    "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001,
+    "output_router_logits": False,
+}
+
 _BOOK = "qwen2-tiny-book"
 _BOOK_CONFIG = _shipped_config(_BOOK)
 
@@ -210,6 +219,24 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         ModelSpec("qwen3-tiny", _QWEN3_TINY, QWEN_TOKENIZER, seed=777,
                   description="Qwen3 architecture (q/k RMSNorm), head_dim 32 != hidden/heads, tied; fp32.",
                   summary="a 2-layer Qwen3 with random weights; its text is noise"),
+        ModelSpec("qwen2-moe-tiny", _QWEN2_MOE_TINY, QWEN_TOKENIZER, seed=1616, copy_period=8,
+                  description="Qwen2-MoE architecture, 2 layers, hidden 64, 4 query / 2 KV heads, QKV bias, tied; "
+                              "every layer sparse: 8 experts (intermediate 32), top-2 without renormalisation "
+                              "(norm_topk_prob=false, as Qwen1.5-MoE), a shared expert (intermediate 64) with its "
+                              "sigmoid gate; fp32; random weights plus the copy circuit.",
+                  summary="a 2-layer Qwen2-MoE (8 experts, top-2, a shared expert) with random weights plus a copy "
+                          "circuit; it repeats the last 8 bytes"),
+        ModelSpec("qwen1.5-moe-a2.7b-shape",
+                  {**_qwen2_config(151936, 2048, 5632, 24, 16, 16, max_pos=8192, rope_theta=1000000.0, eos=_QWEN_EOS,
+                                   tie=False, dtype="bfloat16"),
+                   "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "qkv_bias": True,
+                   "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                   "shared_expert_intermediate_size": 5632, "norm_topk_prob": False, "decoder_sparse_step": 1,
+                   "mlp_only_layers": []},
+                  QWEN_TOKENIZER, dtype="bfloat16", seed=15, num_shards=8,
+                  description="Shapes of Qwen1.5-MoE-A2.7B (14.3B parameters, 2.7B active per token, ~27 GiB), "
+                              "random weights, bf16. For GPU benchmarks.",
+                  summary="the shapes of Qwen1.5-MoE-A2.7B with random weights, for benchmarks; its text is noise"),
         ModelSpec("qwen2.5-0.5b-shape",
                   _qwen2_config(151936, 896, 4864, 24, 14, 2, max_pos=32768, rope_theta=1000000.0, eos=_QWEN_EOS,
                                 tie=True, dtype="bfloat16"),

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hybridpar.models.moe_config import is_sparse_layer, moe_tensor_shapes
+
 if TYPE_CHECKING:
     from hybridpar.models.default_checkpoint import ModelSpec, TokenizerSpec
 
@@ -28,8 +30,9 @@ def checkpoint_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...
     h, v, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     hd = config.get("head_dim") or h // heads
-    qkv_bias = config["model_type"] == "qwen2" or config.get("attention_bias", False)
-    o_bias = config["model_type"] != "qwen2" and config.get("attention_bias", False)
+    qwen2 = config["model_type"] in ("qwen2", "qwen2_moe")
+    qkv_bias = config.get("qkv_bias", True) if qwen2 else config.get("attention_bias", False)
+    o_bias = not qwen2 and config.get("attention_bias", False)
     mlp_bias = config.get("mlp_bias", False)
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
     for i in range(config["num_hidden_layers"]):
@@ -46,6 +49,9 @@ def checkpoint_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...
             shapes[p + "self_attn.q_norm.weight"] = (hd,)
             shapes[p + "self_attn.k_norm.weight"] = (hd,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if is_sparse_layer(config, i):
+            shapes.update(moe_tensor_shapes(config, p))
+            continue
         for proj, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
             shapes[p + f"mlp.{proj}.weight"] = shape
             if mlp_bias:

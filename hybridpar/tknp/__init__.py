@@ -21,8 +21,10 @@ Serving requests with token parallelism is :class:`hybridpar.LLM`'s job
 (``LLM(token_parallel_size=k)``): one engine for every layout, whose TKNP roots run a
 :class:`TknpScheduler` and whose other ranks run an :class:`AttentionWorker`.
 
-Mixture-of-experts models (where the seed spans expert parallelism over TP x TKNP) are not
-applicable here: hybridpar's decoders (Qwen2, Llama, Qwen3) are dense.
+Mixture-of-experts models (Qwen2-MoE): with tensor-parallel experts the roots hold the experts like
+any dense weight; with expert parallelism the EP group spans TP x TKNP, as the seed lays it out, and
+every non-root rank becomes an :class:`~.expert_worker.ExpertWorker`: KV cache, attention and
+``E / (tp * tknp)`` whole experts, still no attention or dense weight.
 """
 
 from hybridpar.tknp.attention import (
