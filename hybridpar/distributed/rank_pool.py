@@ -47,6 +47,7 @@ from hybridpar.distributed.replies import KILL_GRACE_S, gather_replies, kill_all
 
 _PG_TIMEOUT = datetime.timedelta(days=7)  # ranks idle between calls; the parent watches for faults
 _CONN: Connection | None = None  # in a rank: its pipe to the parent
+_CHANNEL: Any = None  # in a rank started by another executor (Ray): its channel to the driver
 
 
 class PoolBrokenError(RuntimeError):
@@ -55,7 +56,9 @@ class PoolBrokenError(RuntimeError):
 
 def report_progress(payload: Any) -> None:
     """Inside a pool rank: send ``payload`` to the parent's ``on_progress``. Elsewhere: nothing."""
-    if _CONN is not None:
+    if _CHANNEL is not None:
+        _CHANNEL.report_progress(payload)
+    elif _CONN is not None:
         _CONN.send_bytes(pickle.dumps(("progress", int(os.environ.get("RANK", 0)), payload, 0.0)))
 
 

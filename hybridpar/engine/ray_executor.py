@@ -1,0 +1,323 @@
+"""The Ray executor: one Ray actor per rank, on the nodes of a Ray cluster (vLLM's ``"ray"`` backend).
+
+::
+
+    llm = LLM(tensor_parallel_size=2, token_parallel_size=2, enable_token_parallel=True,
+              distributed_executor_backend="ray", ray_placement="tp_per_node")
+
+Compared with ``"mp"`` (:class:`~hybridpar.distributed.rank_pool.RankPool`), three things change:
+
+* **Who starts the ranks.** Ray's raylet on each node starts a worker process per actor; the
+  driver (this process) only asks for them. ``ray.init(address="auto")`` joins a running cluster
+  (``ray start --head`` / ``ray start --address ...``); with none it starts a local one.
+* **Where they go.** A placement group reserves one bundle per rank (``{"GPU": 1}`` on a GPU
+  cluster, ``{"CPU": 1}`` otherwise) before any actor starts; :data:`PLACEMENTS` says how the
+  bundles may spread over nodes.
+* **How they find each other.** The driver asks the rank-0 actor for its node's IP and a free
+  port there, and sends ``tcp://IP:PORT`` to every actor; each then joins the ``torch.distributed``
+  world through :func:`~hybridpar.distributed.launcher.setup_rank` and builds its worker.
+
+Messages between a call's start and its end travel through :class:`RankChannel`, which
+:func:`~hybridpar.distributed.rank_pool.report_progress` uses inside an actor. Faults are those of
+the ``mp`` pool: one :class:`~hybridpar.distributed.replies.RankFailedError` naming the root-cause
+rank (a dead actor counts first), after which every actor is killed and the placement group removed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any, Callable
+
+from hybridpar.distributed import rank_pool
+from hybridpar.distributed.launcher import free_port, setup_rank, teardown_rank
+from hybridpar.distributed.rank_pool import PoolBrokenError
+from hybridpar.distributed.replies import _SETTLE_S, _Failure, _root_cause
+
+PLACEMENTS = {
+    "pack": "one placement group, PACK: fill a node before using the next (Ray's default, vLLM's too)",
+    "spread": "one placement group, SPREAD: ranks over as many nodes as possible",
+    "tp_per_node": "one STRICT_PACK placement group per TP group: each TP group inside one node, "
+                   "TKNP / DP groups across nodes",
+}
+_POLL_S = 0.25  # how often a waiting driver collects progress messages
+# After a first failure, wait this long for the others: Ray reports a dead actor through its node's
+# raylet, later than the peers' own errors about it ("connection closed"), which must not win.
+_RAY_SETTLE_S = 4 * _SETTLE_S
+INSTALL_HINT = 'distributed_executor_backend="ray" needs Ray, which is not installed: pip install "hybridpar[ray]"'
+
+
+def check_ray_available() -> None:
+    """One line that says how to install Ray, before anything starts."""
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError(INSTALL_HINT)
+
+
+class RankChannel:
+    """Both directions between the driver and one rank actor, outside the call that is running.
+
+    The actor runs two threads (``max_concurrency=2``): one inside ``call``, the other free for the
+    driver's ``drain_progress`` / ``post``. Rank -> driver: ``report_progress`` queues a payload that the
+    driver collects. Driver -> rank: ``post`` queues a payload that ``read_inbox`` returns.
+    """
+
+    def __init__(self) -> None:
+        self._progress: deque[Any] = deque()
+        self._inbox: deque[Any] = deque()
+        self._arrived = threading.Condition()
+
+    def report_progress(self, payload: Any) -> None:
+        self._progress.append(payload)
+
+    def drain_progress(self) -> list[Any]:
+        return [self._progress.popleft() for _ in range(len(self._progress))]
+
+    def post(self, payload: Any) -> None:
+        with self._arrived:
+            self._inbox.append(payload)
+            self._arrived.notify_all()
+
+    def read_inbox(self, timeout: float = 0.0) -> list[Any]:
+        with self._arrived:
+            if not self._inbox and timeout > 0:
+                self._arrived.wait(timeout)
+            return [self._inbox.popleft() for _ in range(len(self._inbox))]
+
+
+class RankActor:
+    """One rank, inside a Ray worker process (wrapped by ``ray.remote`` in :class:`RayExecutor`)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
+        self.rank, self.world_size = rank, world_size
+        self.channel = rank_pool._CHANNEL = RankChannel()
+        self.obj: Any = None
+
+    def where(self) -> tuple[str, str, int]:
+        """(node id, node IP, pid) of this actor."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), os.getpid()
+
+    def rendezvous_port(self, ip: str) -> int:
+        return free_port(ip)
+
+    def start(self, factory: Callable[..., Any], config: Any, backend: str, address: tuple[str, int],
+              local_rank: int) -> tuple[str, Any, float]:
+        """Join the world at ``address`` (rank 0's IP and port), then build ``factory(config)``."""
+        os.environ.update(LOCAL_RANK=str(local_rank), MASTER_ADDR=address[0], MASTER_PORT=str(address[1]))
+
+        def build() -> None:
+            device = 0 if backend == "nccl" else local_rank  # Ray shows each actor only its own GPU
+            setup_rank(backend, self.rank, self.world_size, device, f"tcp://{address[0]}:{address[1]}",
+                       rank_pool._PG_TIMEOUT)
+            self.obj = factory(config)
+
+        return self._run("start-up", build)
+
+    def call(self, method: str, args: tuple, kwargs: dict) -> tuple[str, Any, float]:
+        return self._run(method, lambda: getattr(self.obj, method)(*args, **kwargs))
+
+    def _run(self, stage: str, fn: Callable[[], Any]) -> tuple[str, Any, float]:
+        """``("ok", value, 0)`` or ``("err", traceback, wall time)``: a raise is reported, never re-raised."""
+        try:
+            return "ok", fn(), 0.0
+        except BaseException:
+            return "err", f"[during {stage}]\n{traceback.format_exc()}", time.time()
+
+    def drain_progress(self) -> list[Any]:
+        return self.channel.drain_progress()
+
+    def post(self, payload: Any) -> None:
+        self.channel.post(payload)
+
+    def close(self) -> None:
+        close = getattr(self.obj, "close", None)
+        if close is not None:
+            close()
+        teardown_rank()
+
+
+def _connect_ray(num_cpus: int) -> Any:
+    """The Ray session: the one already initialised, else a running cluster, else a new local one."""
+    import ray
+
+    if not ray.is_initialized():
+        quiet = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address="auto", **quiet)
+        except ConnectionError:  # no cluster running: start one on this machine
+            ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), **quiet)
+    return ray
+
+
+class RayExecutor:
+    """``world_size`` rank actors, each holding ``factory(config)``; the interface of ``RankPool``.
+
+    ``backend``: "auto" (NCCL when the cluster has a GPU per rank, else gloo), "gloo" or "nccl".
+    ``placement``: a key of :data:`PLACEMENTS`. ``node_ids``, ``pids``: per rank.
+    """
+
+    def __init__(self, factory: Callable[..., Any], config: Any, backend: str = "auto", placement: str = "pack",
+                 start_timeout: float = 300.0) -> None:
+        if placement not in PLACEMENTS:
+            raise ValueError(f"ray_placement must be one of {sorted(PLACEMENTS)}, got {placement!r}")
+        world, tp = config.world_size, config.tensor_parallel_size
+        ray = _connect_ray(world)
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self._remove_pg = remove_placement_group
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if backend == "auto":
+            backend = "nccl" if gpus >= world else "gloo"
+        if backend == "nccl" and gpus < world:
+            raise ValueError(f"backend='nccl' needs one GPU per rank: {world} ranks but the Ray cluster has "
+                             f"{gpus:g} GPU(s); use backend='gloo'")
+        bundle = {"GPU": 1, "CPU": 1} if backend == "nccl" else {"CPU": 1}
+        groups = [list(range(i, i + tp)) for i in range(0, world, tp)] if placement == "tp_per_node" else [
+            list(range(world))]
+        strategy = {"pack": "PACK", "spread": "SPREAD", "tp_per_node": "STRICT_PACK"}[placement]
+        self._pgs = [placement_group([bundle] * len(g), strategy=strategy) for g in groups]
+        self._actors: list[Any] = []
+        self._broken: str | None = None
+        self.backend = backend
+        try:
+            self._reserve(ray, world, bundle, placement, start_timeout)
+            remote = ray.remote(num_cpus=1, num_gpus=bundle.get("GPU", 0), max_concurrency=2)(RankActor)
+            for pg, ranks in zip(self._pgs, groups):
+                for i, rank in enumerate(ranks):
+                    where = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+                    self._actors.append(remote.options(scheduling_strategy=where).remote(rank, world))
+            places = self._gather([a.where.remote() for a in self._actors], "start-up", start_timeout)
+            self.node_ids = [p[0] for p in places]
+            self.pids = [p[2] for p in places]
+            ip = places[0][1]
+            address = (ip, ray.get(self._actors[0].rendezvous_port.remote(ip)))
+            local = [self.node_ids[:r].count(self.node_ids[r]) for r in range(world)]  # index among its node's ranks
+            self._wait(self._gather_refs(
+                [a.start.remote(factory, config, backend, address, local[r]) for r, a in enumerate(self._actors)]),
+                "start-up", start_timeout, None)
+        except BaseException as exc:
+            self._broken = f"start-up failed: {type(exc).__name__}"
+            self._kill()
+            raise
+
+    def _reserve(self, ray: Any, world: int, bundle: dict, placement: str, timeout: float) -> None:
+        ready, _ = ray.wait([pg.ready() for pg in self._pgs], num_returns=len(self._pgs), timeout=timeout)
+        if len(ready) < len(self._pgs):
+            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            raise ValueError(f"the Ray cluster could not place {world} ranks of {bundle} with ray_placement="
+                             f"{placement!r} within {timeout:g} s (it has {have}); add nodes, or choose "
+                             f"another ray_placement ({', '.join(sorted(PLACEMENTS))})")
+
+    @property
+    def alive(self) -> bool:
+        return self._broken is None
+
+    def call(self, method: str, *args: Any, timeout: float = 3600.0,
+             on_progress: Callable[[int, Any], None] | None = None, **kwargs: Any) -> list[Any]:
+        """Run ``method(*args, **kwargs)`` on every rank's object; return the values in rank order."""
+        if self._broken is not None:
+            raise PoolBrokenError(f"this engine's ranks are gone ({self._broken}); build a new one")
+        refs = self._gather_refs([a.call.remote(method, args, kwargs) for a in self._actors])
+        return self._wait(refs, f"call {method!r}", timeout, on_progress)
+
+    def post(self, rank: int, payload: Any) -> None:
+        """Put ``payload`` in rank ``rank``'s inbox (read there with ``read_inbox``)."""
+        self._actors[rank].post.remote(payload)
+
+    @staticmethod
+    def _gather_refs(refs: list[Any]) -> dict[Any, int]:
+        return {ref: rank for rank, ref in enumerate(refs)}
+
+    def _gather(self, refs: list[Any], what: str, timeout: float) -> list[Any]:
+        """Plain values of actor methods that cannot raise (a dead actor still fails the call)."""
+        return self._wait({ref: r for r, ref in enumerate(refs)}, what, timeout, None, wrapped=False)
+
+    def _wait(self, refs: dict[Any, int], what: str, timeout: float,
+              on_progress: Callable[[int, Any], None] | None, wrapped: bool = True) -> list[Any]:
+        try:
+            return self._collect(refs, timeout, on_progress, wrapped)
+        except BaseException as exc:  # a rank failed, a timeout, Ctrl-C: no rank state can be trusted
+            self._broken = f"{what} failed: {type(exc).__name__}"
+            self._kill()
+            raise
+
+    def _collect(self, refs: dict[Any, int], timeout: float, on_progress: Callable[[int, Any], None] | None,
+                 wrapped: bool) -> list[Any]:
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        from hybridpar.distributed.replies import LaunchTimeoutError
+
+        deadline = time.monotonic() + timeout
+        pending, results, failures = dict(refs), {}, []
+        while pending:
+            limit = min(deadline, failures[0].seen + _RAY_SETTLE_S) if failures else deadline
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.0, min(
+                _POLL_S, limit - time.monotonic())))
+            if on_progress is not None:
+                self._relay_progress(ray, on_progress)
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    reply = ray.get(ref)
+                except RayActorError as exc:  # the actor's process died: a cause, never a consequence
+                    failures.append(_Failure(rank, f"its Ray actor died: {exc}", time.monotonic(), float("-inf")))
+                    continue
+                except RayError as exc:
+                    failures.append(_Failure(rank, str(exc), time.monotonic(), time.time()))
+                    continue
+                status, value, raised_at = reply if wrapped else ("ok", reply, 0.0)
+                if status == "ok":
+                    results[rank] = value
+                else:
+                    failures.append(_Failure(rank, value, time.monotonic(), raised_at))
+            if pending and time.monotonic() >= limit:
+                if failures:
+                    break
+                raise LaunchTimeoutError(sorted(pending.values()), timeout)
+        if failures:
+            raise _root_cause(failures)
+        return [results[r] for r in sorted(results)]
+
+    def _relay_progress(self, ray: Any, on_progress: Callable[[int, Any], None]) -> None:
+        try:
+            batches = ray.get([a.drain_progress.remote() for a in self._actors], timeout=_POLL_S * 4)
+        except Exception:  # a dead actor: the call's own reply reports it
+            return
+        for rank, batch in enumerate(batches):
+            for payload in batch:
+                on_progress(rank, payload)
+
+    def close(self) -> None:
+        """End every actor (gracefully when they are idle) and remove the placement groups; idempotent."""
+        if self._broken is None:
+            self._broken = "closed"
+            import ray
+
+            try:
+                ray.get([a.close.remote() for a in self._actors], timeout=10)
+            except Exception:
+                pass
+        self._kill()
+
+    def _kill(self) -> None:
+        import ray
+
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors = []
+        for pg in self._pgs:
+            self._remove_pg(pg)
+        self._pgs = []
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
