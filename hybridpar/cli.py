@@ -23,7 +23,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from hybridpar.config import ArgumentParser, ParallelConfigError, config_error
+from hybridpar.config import EXECUTOR_BACKENDS, RAY_PLACEMENTS, ArgumentParser, ParallelConfigError, config_error
 
 DEMOS = ("tp_layers", "tp_block", "tp_generate", "tp_anatomy", "radix_demo", "radix_tp_trace", "tknp_demo")
 CONFIG_ERRORS = (ParallelConfigError, ValueError, FileNotFoundError)
@@ -38,15 +38,22 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-parallel-size", type=int, default=1)
     p.add_argument("--enable-token-parallel", action="store_true", default=None)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
-    p.add_argument("--distributed-executor-backend", default=None, choices=["mp", "external_launcher"],
-                   help="mp: spawn the ranks; external_launcher: this process is a torchrun rank "
-                        "(the default under torchrun)")
+    add_executor_arguments(p)
     p.add_argument("--force-cpu", action="store_true", help="gloo on the CPU even where GPUs are present")
     p.add_argument("--dtype", default="auto", help="auto (fp32), fp32, bf16 or fp16")
     p.add_argument("--prompt", action="append", dest="prompts", help="repeat for several prompts")
     p.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=24)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the radix cache off")
+
+
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the engine's ranks come from (``generate`` and ``serve``)."""
+    p.add_argument("--distributed-executor-backend", default=None, choices=EXECUTOR_BACKENDS,
+                   help="mp: spawn the ranks here (the default); ray: one Ray actor per rank on a Ray cluster; "
+                        "torchrun (or external_launcher): this process is a torchrun rank (the default under torchrun)")
+    p.add_argument("--ray-placement", default="pack", choices=sorted(RAY_PLACEMENTS),
+                   help="with ray: " + "; ".join(f"{k}: {v}" for k, v in RAY_PLACEMENTS.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +80,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     with LLM(args.model, tensor_parallel_size=args.tensor_parallel_size, token_parallel_size=args.token_parallel_size,
              enable_token_parallel=args.enable_token_parallel, data_parallel_size=args.data_parallel_size,
              dtype=args.dtype, enable_prefix_caching=not args.no_prefix_caching,
-             distributed_executor_backend=executor) as llm:
+             backend="gloo" if args.force_cpu else "auto", distributed_executor_backend=executor,
+             ray_placement=args.ray_placement) as llm:
         outputs = llm.generate(args.prompts or DEFAULT_PROMPTS, params, use_tqdm=False)
     if int(os.environ.get("RANK", "0")) == 0:
         c = llm.config

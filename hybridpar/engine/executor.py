@@ -1,6 +1,6 @@
-"""Where an engine's ranks live: spawned by the engine (``"mp"``), started by torchrun (``"torchrun"``) or Ray (``"ray"``).
+"""Where an engine's ranks live: spawned here (``"mp"``), started by torchrun (``"torchrun"``) or by Ray (``"ray"``).
 
-Both executors offer what :class:`~hybridpar.engine.llm.LLM` needs: ``call(method, ...)`` runs the
+Every executor offers what :class:`~hybridpar.engine.llm.LLM` needs: ``call(method, ...)`` runs the
 method on every rank's :class:`~hybridpar.engine.worker.EngineWorker` and returns the values in
 rank order, ``pids`` and ``close()``.
 
@@ -22,10 +22,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from hybridpar.config import EXECUTOR_BACKENDS
 from hybridpar.distributed.launcher import is_torchrun, setup_rank, teardown_rank
 from hybridpar.distributed.rank_pool import RankPool
 
-EXECUTOR_BACKENDS = ("mp", "ray", "torchrun", "external_launcher")
 
 
 class ExternalLauncherExecutor:
@@ -61,13 +61,9 @@ def make_executor(kind: str, factory: Callable[..., Any], config: Any, backend: 
     if kind == "mp":
         return RankPool(factory, config.world_size, config, backend=backend, start_timeout=start_timeout)
     if kind == "ray":
-        from hybridpar.engine.ray_executor import PLACEMENTS, check_ray_available
+        from hybridpar.engine.ray_executor import RayExecutor, check_ray_available
 
-        if ray_placement not in PLACEMENTS:
-            raise ValueError(f"ray_placement must be one of {sorted(PLACEMENTS)}, got {ray_placement!r}")
         check_ray_available()
-        from hybridpar.engine.ray_executor import RayExecutor
-
         return RayExecutor(factory, config, backend, ray_placement, start_timeout)
     if not is_torchrun():
         raise ValueError(f"distributed_executor_backend={kind!r} runs inside torchrun (one rank per process); "

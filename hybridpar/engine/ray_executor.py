@@ -32,17 +32,12 @@ import traceback
 from collections import deque
 from typing import Any, Callable
 
+from hybridpar.config import RAY_PLACEMENTS as PLACEMENTS
 from hybridpar.distributed import rank_pool
 from hybridpar.distributed.launcher import free_port, setup_rank, teardown_rank
 from hybridpar.distributed.rank_pool import PoolBrokenError
 from hybridpar.distributed.replies import _SETTLE_S, _Failure, _root_cause
 
-PLACEMENTS = {
-    "pack": "one placement group, PACK: fill a node before using the next (Ray's default, vLLM's too)",
-    "spread": "one placement group, SPREAD: ranks over as many nodes as possible",
-    "tp_per_node": "one STRICT_PACK placement group per TP group: each TP group inside one node, "
-                   "TKNP / DP groups across nodes",
-}
 _POLL_S = 0.25  # how often a waiting driver collects progress messages
 # After a first failure, wait this long for the others: Ray reports a dead actor through its node's
 # raylet, later than the peers' own errors about it ("connection closed"), which must not win.
