@@ -8,8 +8,8 @@
 Compared with ``"mp"`` (:class:`~hybridpar.distributed.rank_pool.RankPool`), three things change:
 
 * **Who starts the ranks.** Ray's raylet on each node starts a worker process per actor; the
-  driver (this process) only asks for them. ``ray.init(address="auto")`` joins a running cluster
-  (``ray start --head`` / ``ray start --address ...``); with none it starts a local one.
+  driver (this process) only asks for them. Like ``ray.init(address="auto")``, it joins a running cluster
+  (``ray start --head`` / ``ray start --address ...``, or ``RAY_ADDRESS``); with none it starts a local one.
 * **Where they go.** A placement group reserves one bundle per rank (``{"GPU": 1}`` on a GPU
   cluster, ``{"CPU": 1}`` otherwise) before any actor starts; :data:`PLACEMENTS` says how the
   bundles may spread over nodes.
@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import threading
 import time
 import traceback
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable
 
 from hybridpar.config import RAY_PLACEMENTS as PLACEMENTS
@@ -136,16 +138,42 @@ class RankActor:
         teardown_rank()
 
 
+def placement_groups(world_size: int, tp: int, placement: str) -> tuple[str, list[list[int]]]:
+    """Ray's strategy and the ranks of each placement group (bundle i of a group holds its i-th rank).
+
+    TP groups are runs of consecutive ranks (:mod:`~hybridpar.distributed.layout`), so
+    ``"tp_per_node"`` makes one STRICT_PACK group of each run: Ray must fit it on one node.
+    """
+    if placement == "tp_per_node":
+        return "STRICT_PACK", [list(range(i, i + tp)) for i in range(0, world_size, tp)]
+    return {"pack": "PACK", "spread": "SPREAD"}[placement], [list(range(world_size))]
+
+
+def _running_cluster() -> str | None:
+    """A Ray cluster to join: ``RAY_ADDRESS``, else the one ``ray start`` recorded here, if it answers."""
+    recorded = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    address = os.environ.get("RAY_ADDRESS") or (recorded.read_text().strip() if recorded.exists() else "")
+    if not address or address.startswith("ray://"):
+        return address or None
+    host, port = address.rsplit(":", 1)
+    try:  # a stale record (a cluster that was killed) would make ray.init retry for minutes
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        return None
+    return address
+
+
 def _connect_ray(num_cpus: int) -> Any:
     """The Ray session: the one already initialised, else a running cluster, else a new local one."""
     import ray
 
     if not ray.is_initialized():
-        quiet = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        try:
-            ray.init(address="auto", **quiet)
-        except ConnectionError:  # no cluster running: start one on this machine
-            ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), **quiet)
+        quiet = dict(log_to_driver=False, configure_logging=False)
+        address = _running_cluster()
+        if address is not None:  # what ray.init(address="auto") would join
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(address="local", num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False, **quiet)
     return ray
 
 
@@ -173,9 +201,7 @@ class RayExecutor:
             raise ValueError(f"backend='nccl' needs one GPU per rank: {world} ranks but the Ray cluster has "
                              f"{gpus:g} GPU(s); use backend='gloo'")
         bundle = {"GPU": 1, "CPU": 1} if backend == "nccl" else {"CPU": 1}
-        groups = [list(range(i, i + tp)) for i in range(0, world, tp)] if placement == "tp_per_node" else [
-            list(range(world))]
-        strategy = {"pack": "PACK", "spread": "SPREAD", "tp_per_node": "STRICT_PACK"}[placement]
+        strategy, groups = placement_groups(world, tp, placement)
         self._pgs = [placement_group([bundle] * len(g), strategy=strategy) for g in groups]
         self._actors: list[Any] = []
         self._broken: str | None = None
