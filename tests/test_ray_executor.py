@@ -99,6 +99,13 @@ def test_progress_inbox_and_a_raising_rank(cluster: Any) -> None:
         ex.call("ping", 0)
 
 
+def test_a_placement_the_cluster_cannot_hold_fails_at_once(cluster: Any) -> None:
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"nodes have \[2.0, 2.0\] CPU, and each TP group \(4 ranks\) must fit"):
+        LLM(tensor_parallel_size=4, backend="gloo", distributed_executor_backend="ray", ray_placement="tp_per_node")
+    assert time.monotonic() - start < 30 and _no_live_placement_groups(cluster)
+
+
 @pytest.fixture(scope="module")
 def engine(cluster: Any) -> Any:
     """TP 2 x TKNP 2 on the two nodes, each TP group kept inside one node."""

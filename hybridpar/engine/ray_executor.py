@@ -38,7 +38,7 @@ from hybridpar.config import RAY_PLACEMENTS as PLACEMENTS
 from hybridpar.distributed import rank_pool
 from hybridpar.distributed.launcher import free_port, setup_rank, teardown_rank
 from hybridpar.distributed.rank_pool import PoolBrokenError
-from hybridpar.distributed.replies import _SETTLE_S, _Failure, _root_cause
+from hybridpar.distributed.replies import _SETTLE_S, LaunchTimeoutError, _Failure, _root_cause
 
 _POLL_S = 0.25  # how often a waiting driver collects progress messages
 # After a first failure, wait this long for the others: Ray reports a dead actor through its node's
@@ -207,33 +207,41 @@ class RayExecutor:
         self._broken: str | None = None
         self.backend = backend
         try:
-            self._reserve(ray, world, bundle, placement, start_timeout)
+            self._reserve(ray, groups, bundle, placement, start_timeout)
             remote = ray.remote(num_cpus=1, num_gpus=bundle.get("GPU", 0), max_concurrency=2)(RankActor)
             for pg, ranks in zip(self._pgs, groups):
                 for i, rank in enumerate(ranks):
                     where = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
                     self._actors.append(remote.options(scheduling_strategy=where).remote(rank, world))
-            places = self._gather([a.where.remote() for a in self._actors], "start-up", start_timeout)
+            places = self._wait([a.where.remote() for a in self._actors], "start-up", start_timeout, None, False)
             self.node_ids = [p[0] for p in places]
             self.pids = [p[2] for p in places]
             ip = places[0][1]
             address = (ip, ray.get(self._actors[0].rendezvous_port.remote(ip)))
             local = [self.node_ids[:r].count(self.node_ids[r]) for r in range(world)]  # index among its node's ranks
-            self._wait(self._gather_refs(
-                [a.start.remote(factory, config, backend, address, local[r]) for r, a in enumerate(self._actors)]),
-                "start-up", start_timeout, None)
+            starts = [a.start.remote(factory, config, backend, address, local[r]) for r, a in enumerate(self._actors)]
+            self._wait(starts, "start-up", start_timeout, None)
         except BaseException as exc:
             self._broken = f"start-up failed: {type(exc).__name__}"
             self._kill()
             raise
 
-    def _reserve(self, ray: Any, world: int, bundle: dict, placement: str, timeout: float) -> None:
+    def _reserve(self, ray: Any, groups: list[list[int]], bundle: dict, placement: str, timeout: float) -> None:
+        """Wait for the placement groups; fail at once if the cluster's nodes could never hold them."""
+        strict, size, need = placement == "tp_per_node", len(groups[0]), sum(map(len, groups))
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        for key, per_rank in bundle.items():
+            slots = [int(n.get(key, 0) // per_rank) for n in nodes]  # ranks each node could hold
+            if (sum(s // size * size for s in slots) if strict else sum(slots)) < need:
+                raise ValueError(
+                    f"the Ray cluster cannot place {need} ranks of {bundle} with ray_placement={placement!r}: its "
+                    f"nodes have {[n.get(key, 0) for n in nodes]} {key}"
+                    + (f", and each TP group ({size} ranks) must fit in one node" if strict else "")
+                    + "; add nodes or resources, or use smaller sizes")
         ready, _ = ray.wait([pg.ready() for pg in self._pgs], num_returns=len(self._pgs), timeout=timeout)
         if len(ready) < len(self._pgs):
-            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-            raise ValueError(f"the Ray cluster could not place {world} ranks of {bundle} with ray_placement="
-                             f"{placement!r} within {timeout:g} s (it has {have}); add nodes, or choose "
-                             f"another ray_placement ({', '.join(sorted(PLACEMENTS))})")
+            raise TimeoutError(f"the Ray cluster has not granted the placement of {sum(map(len, groups))} ranks "
+                               f"of {bundle} within {timeout:g} s: other jobs hold its resources")
 
     @property
     def alive(self) -> bool:
@@ -244,23 +252,16 @@ class RayExecutor:
         """Run ``method(*args, **kwargs)`` on every rank's object; return the values in rank order."""
         if self._broken is not None:
             raise PoolBrokenError(f"this engine's ranks are gone ({self._broken}); build a new one")
-        refs = self._gather_refs([a.call.remote(method, args, kwargs) for a in self._actors])
+        refs = [a.call.remote(method, args, kwargs) for a in self._actors]
         return self._wait(refs, f"call {method!r}", timeout, on_progress)
 
     def post(self, rank: int, payload: Any) -> None:
         """Put ``payload`` in rank ``rank``'s inbox (read there with ``read_inbox``)."""
         self._actors[rank].post.remote(payload)
 
-    @staticmethod
-    def _gather_refs(refs: list[Any]) -> dict[Any, int]:
-        return {ref: rank for rank, ref in enumerate(refs)}
-
-    def _gather(self, refs: list[Any], what: str, timeout: float) -> list[Any]:
-        """Plain values of actor methods that cannot raise (a dead actor still fails the call)."""
-        return self._wait({ref: r for r, ref in enumerate(refs)}, what, timeout, None, wrapped=False)
-
-    def _wait(self, refs: dict[Any, int], what: str, timeout: float,
-              on_progress: Callable[[int, Any], None] | None, wrapped: bool = True) -> list[Any]:
+    def _wait(self, refs: list[Any], what: str, timeout: float, on_progress: Callable[[int, Any], None] | None,
+              wrapped: bool = True) -> list[Any]:
+        """The values of one reference per rank; ``wrapped``: they are ``RankActor._run``'s replies."""
         try:
             return self._collect(refs, timeout, on_progress, wrapped)
         except BaseException as exc:  # a rank failed, a timeout, Ctrl-C: no rank state can be trusted
@@ -268,15 +269,13 @@ class RayExecutor:
             self._kill()
             raise
 
-    def _collect(self, refs: dict[Any, int], timeout: float, on_progress: Callable[[int, Any], None] | None,
+    def _collect(self, refs: list[Any], timeout: float, on_progress: Callable[[int, Any], None] | None,
                  wrapped: bool) -> list[Any]:
         import ray
         from ray.exceptions import RayActorError, RayError
 
-        from hybridpar.distributed.replies import LaunchTimeoutError
-
         deadline = time.monotonic() + timeout
-        pending, results, failures = dict(refs), {}, []
+        pending, results, failures = {ref: rank for rank, ref in enumerate(refs)}, {}, []
         while pending:
             limit = min(deadline, failures[0].seen + _RAY_SETTLE_S) if failures else deadline
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.0, min(
