@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from hybridpar.distributed import rank_pool
 from hybridpar.distributed.rank_pool import PoolBrokenError, report_progress
 from hybridpar.distributed.replies import RankFailedError
 from hybridpar.engine.config import EngineConfig
+from tests.torchrun_util import ROOT
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -61,10 +63,15 @@ def cluster() -> Any:
     cluster.shutdown()
 
 
-def _actors(cluster: Any, pids: list[int]) -> list[dict]:
-    """The GCS's record of the actors with these pids, in the order of ``pids``."""
-    table = {a["Pid"]: a for a in cluster.global_state.actor_table(None).values()}
-    return [table[p] for p in pids]
+def _all_dead(cluster: Any, pids: list[int] | None = None) -> bool:
+    """Every actor (or those with these pids) is DEAD in the GCS's table, within a few seconds."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        table = cluster.global_state.actor_table(None).values()
+        if all(a["State"] == "DEAD" for a in table if pids is None or a["Pid"] in pids):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _gone(pids: list[int]) -> bool:
@@ -94,7 +101,7 @@ def test_progress_inbox_and_a_raising_rank(cluster: Any) -> None:
         ex.call("boom")
     assert err.value.rank == 1 and "KeyError: 'boom on rank 1'" in str(err.value)
     assert time.monotonic() - start < 20  # not rank 0's 30 s sleep: the others are killed
-    assert all(a["State"] == "DEAD" for a in _actors(cluster, ex.pids)) and _gone(ex.pids)
+    assert _all_dead(cluster, ex.pids) and _gone(ex.pids)
     with pytest.raises(PoolBrokenError):
         ex.call("ping", 0)
 
@@ -104,6 +111,17 @@ def test_a_placement_the_cluster_cannot_hold_fails_at_once(cluster: Any) -> None
     with pytest.raises(ValueError, match=r"nodes have \[2.0, 2.0\] CPU, and each TP group \(4 ranks\) must fit"):
         LLM(tensor_parallel_size=4, backend="gloo", distributed_executor_backend="ray", ray_placement="tp_per_node")
     assert time.monotonic() - start < 30 and _no_live_placement_groups(cluster)
+
+
+def test_hybridpar_generate_joins_the_running_cluster(cluster: Any) -> None:
+    """The command finds the cluster as ray.init(address="auto") would (here: the address the Cluster recorded)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "hybridpar", "generate", "--distributed-executor-backend", "ray",
+                           "--tensor-parallel-size", "2", "--force-cpu", "--prompt", PROMPTS[0], "--max-tokens", "4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 rank(s) (TP 2 x DP 1, ray)" in proc.stdout and f"{PROMPTS[0]!r} -> '" in proc.stdout
+    assert _all_dead(cluster)  # its driver is gone
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +142,8 @@ def test_tp2_x_tknp2_over_two_nodes_matches_transformers(cluster: Any, engine: L
     reference = hf_reference(path, [tok(p).input_ids for p in PROMPTS], max_new_tokens=GREEDY.max_tokens)
     outs = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == reference.continuations
-    nodes = [a["Address"]["NodeID"] for a in _actors(cluster, engine.pids)]  # where Ray put each rank
+    table = {a["Pid"]: a for a in cluster.global_state.actor_table(None).values()}
+    nodes = [table[p]["Address"]["NodeID"] for p in engine.pids]  # where Ray put each rank
     assert nodes == engine._pool.node_ids
     assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2]  # one TP group per node
 
@@ -147,7 +166,7 @@ def test_killing_an_actor_mid_generate_names_it_and_leaves_nothing(cluster: Any,
         engine.generate(PROMPTS[:2], params)
     assert err.value.rank == 3 and time.monotonic() - start < 60
     assert _gone(pids)
-    assert all(a["State"] == "DEAD" for a in _actors(cluster, pids)) and _no_live_placement_groups(cluster)
+    assert _all_dead(cluster, pids) and _no_live_placement_groups(cluster)
     with pytest.raises(PoolBrokenError, match="build a new one"):
         engine.generate("again", use_tqdm=False)
 
