@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
@@ -190,10 +191,9 @@ class RayExecutor:
             raise ValueError(f"ray_placement must be one of {sorted(PLACEMENTS)}, got {placement!r}")
         world, tp = config.world_size, config.tensor_parallel_size
         ray = _connect_ray(world)
-        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self._remove_pg = remove_placement_group
         gpus = ray.cluster_resources().get("GPU", 0)
         if backend == "auto":
             backend = "nccl" if gpus >= world else "gloo"
@@ -204,6 +204,7 @@ class RayExecutor:
         strategy, groups = placement_groups(world, tp, placement)
         self._pgs = [placement_group([bundle] * len(g), strategy=strategy) for g in groups]
         self._actors: list[Any] = []
+        self._kill = weakref.finalize(self, _end, self._actors, self._pgs)  # also on garbage collection
         self._broken: str | None = None
         self.backend = backend
         try:
@@ -326,18 +327,22 @@ class RayExecutor:
                 pass
         self._kill()
 
-    def _kill(self) -> None:
-        import ray
-
-        for actor in self._actors:
-            ray.kill(actor, no_restart=True)
-        self._actors = []
-        for pg in self._pgs:
-            self._remove_pg(pg)
-        self._pgs = []
-
     def __enter__(self) -> RayExecutor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _end(actors: list[Any], pgs: list[Any]) -> None:
+    """Kill every actor and remove the placement groups (Ray does both when the driver exits)."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    if ray.is_initialized():
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        for pg in pgs:
+            remove_placement_group(pg)
+    actors.clear()
+    pgs.clear()
