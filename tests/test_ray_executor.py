@@ -13,7 +13,6 @@ import sys
 import time
 from typing import Any
 
-import psutil
 import pytest
 
 from hybridpar import LLM, SamplingParams
@@ -21,6 +20,7 @@ from hybridpar.distributed import rank_pool
 from hybridpar.distributed.rank_pool import PoolBrokenError, report_progress
 from hybridpar.distributed.replies import RankFailedError
 from hybridpar.engine.config import EngineConfig
+from tests.test_engine import _gone
 from tests.torchrun_util import ROOT
 
 ray = pytest.importorskip("ray")
@@ -71,15 +71,6 @@ def _all_dead(cluster: Any, pids: list[int] | None = None) -> bool:
         if all(a["State"] == "DEAD" for a in table if pids is None or a["Pid"] in pids):
             return True
         time.sleep(0.2)
-    return False
-
-
-def _gone(pids: list[int]) -> bool:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
-            return True
-        time.sleep(0.1)
     return False
 
 

@@ -251,14 +251,17 @@ class RayExecutor:
     def call(self, method: str, *args: Any, timeout: float = 3600.0,
              on_progress: Callable[[int, Any], None] | None = None, **kwargs: Any) -> list[Any]:
         """Run ``method(*args, **kwargs)`` on every rank's object; return the values in rank order."""
-        if self._broken is not None:
-            raise PoolBrokenError(f"this engine's ranks are gone ({self._broken}); build a new one")
-        refs = [a.call.remote(method, args, kwargs) for a in self._actors]
+        refs = [a.call.remote(method, args, kwargs) for a in self._live_actors()]
         return self._wait(refs, f"call {method!r}", timeout, on_progress)
 
     def post(self, rank: int, payload: Any) -> None:
         """Put ``payload`` in rank ``rank``'s inbox (read there with ``read_inbox``)."""
-        self._actors[rank].post.remote(payload)
+        self._live_actors()[rank].post.remote(payload)
+
+    def _live_actors(self) -> list[Any]:
+        if self._broken is not None:
+            raise PoolBrokenError(f"this engine's ranks are gone ({self._broken}); build a new one")
+        return self._actors
 
     def _wait(self, refs: list[Any], what: str, timeout: float, on_progress: Callable[[int, Any], None] | None,
               wrapped: bool = True) -> list[Any]:
