@@ -109,8 +109,8 @@ class RankActor:
         os.environ.update(LOCAL_RANK=str(local_rank), MASTER_ADDR=address[0], MASTER_PORT=str(address[1]))
 
         def build() -> None:
-            device = 0 if backend == "nccl" else local_rank  # Ray shows each actor only its own GPU
-            setup_rank(backend, self.rank, self.world_size, device, f"tcp://{address[0]}:{address[1]}",
+            # device 0: with a {"GPU": 1} bundle Ray shows the actor only its own GPU (CUDA_VISIBLE_DEVICES)
+            setup_rank(backend, self.rank, self.world_size, 0, f"tcp://{address[0]}:{address[1]}",
                        rank_pool._PG_TIMEOUT)
             self.obj = factory(config)
 
