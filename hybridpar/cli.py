@@ -24,7 +24,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from hybridpar.config import ArgumentParser, ParallelConfigError, config_error
+from hybridpar.config import EXECUTOR_BACKENDS, RAY_PLACEMENTS, ArgumentParser, ParallelConfigError, config_error
 
 DEMOS = ("tp_layers", "tp_block", "tp_generate", "tp_anatomy", "radix_demo", "radix_tp_trace", "tknp_demo")
 CONFIG_ERRORS = (ParallelConfigError, ValueError, FileNotFoundError)
@@ -39,9 +39,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-parallel-size", type=int, default=1)
     p.add_argument("--enable-token-parallel", action="store_true", default=None)
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
-    p.add_argument("--distributed-executor-backend", default=None, choices=["mp", "external_launcher"],
-                   help="mp: spawn the ranks; external_launcher: this process is a torchrun rank "
-                        "(the default under torchrun)")
+    add_executor_arguments(p)
     p.add_argument("--force-cpu", action="store_true", help="gloo on the CPU even where GPUs are present")
     p.add_argument("--dtype", default="auto", help="auto (fp32), fp32, bf16 or fp16")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the radix cache off")
@@ -58,7 +56,8 @@ def _engine_args(args: argparse.Namespace) -> dict:
                 token_parallel_size=args.token_parallel_size, enable_token_parallel=args.enable_token_parallel,
                 data_parallel_size=args.data_parallel_size, dtype=args.dtype,
                 enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, debug_checks=args.debug_checks, enforce_eager=args.enforce_eager)
+                max_num_seqs=args.max_num_seqs, debug_checks=args.debug_checks, enforce_eager=args.enforce_eager,
+                backend="gloo" if args.force_cpu else "auto", ray_placement=args.ray_placement)
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,6 +80,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds that requests in flight get to finish after SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the engine's ranks come from (``generate`` and ``serve``)."""
+    p.add_argument("--distributed-executor-backend", default=None, choices=EXECUTOR_BACKENDS,
+                   help="mp: spawn the ranks here (the default); ray: one Ray actor per rank on a Ray cluster; "
+                        "torchrun (or external_launcher): this process is a torchrun rank (the default under torchrun)")
+    p.add_argument("--ray-placement", default="pack", choices=sorted(RAY_PLACEMENTS),
+                   help="with ray: " + "; ".join(f"{k}: {v}" for k, v in RAY_PLACEMENTS.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,18 +127,16 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from hybridpar.distributed.launcher import is_torchrun
-    from hybridpar.engine.config import EngineConfig
     from hybridpar.serving.api_server import run_server
 
-    if is_torchrun() or args.distributed_executor_backend == "external_launcher":
-        raise ValueError("hybridpar serve spawns its own ranks; run it without torchrun and without "
-                         "--distributed-executor-backend external_launcher")
+    if is_torchrun() or args.distributed_executor_backend in ("torchrun", "external_launcher"):
+        raise ValueError("hybridpar serve starts its own ranks (--distributed-executor-backend mp or ray); run it "
+                         "without torchrun")
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
             raise ValueError(f"the model is given twice ({args.model_tag!r} and --model {args.model!r}); give one")
         args.model = args.model_tag
-    engine_args = _engine_args(args)
-    EngineConfig(**engine_args).check()  # a bad layout or model fails here, in one line, before any rank starts
+    engine_args = dict(_engine_args(args), distributed_executor_backend=args.distributed_executor_backend or "mp")
     return run_server(engine_args, args.host, args.port, args.api_key, args.served_model_name, args.drain_timeout,
                       args.log_level)
 

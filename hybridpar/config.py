@@ -231,3 +231,13 @@ class ServerArgs:
             raise ValueError(f"attention_backend must be 'torch_native' or 'triton', got {self.attention_backend!r}")
         if self.new_token_ratio_decay < 0:
             raise ValueError(f"new_token_ratio_decay must be >= 0, got {self.new_token_ratio_decay}")
+
+
+# Where an engine's ranks come from (hybridpar.engine.executor); "external_launcher" is vLLM's name for "torchrun".
+EXECUTOR_BACKENDS = ("mp", "ray", "torchrun", "external_launcher")
+RAY_PLACEMENTS = {
+    "pack": "one placement group, PACK: fill a node before using the next (Ray's default, vLLM's too)",
+    "spread": "one placement group, SPREAD: ranks over as many nodes as possible",
+    "tp_per_node": "one STRICT_PACK placement group per TP group: each TP group inside one node, "
+                   "TKNP / DP groups across nodes",
+}

@@ -182,9 +182,9 @@ def _worker(rank: int, nprocs: int, backend: str, port: int, timeout_s: float, q
     conn.send_bytes(payload)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -51,6 +51,7 @@ from hybridpar.distributed.replies import KILL_GRACE_S, gather_replies, kill_all
 _PG_TIMEOUT = datetime.timedelta(days=7)  # ranks idle between calls; the parent watches for faults
 _CONN: Connection | None = None  # in a rank: its pipe to the parent
 _INBOX = "inbox"  # tags a posted message (a call is (method, args, kwargs); None ends the rank)
+_CHANNEL: Any = None  # in a rank started by another executor (Ray): its channel to the driver
 
 
 class PoolBrokenError(RuntimeError):
@@ -59,13 +60,17 @@ class PoolBrokenError(RuntimeError):
 
 def report_progress(payload: Any) -> None:
     """Inside a pool rank: send ``payload`` to the parent's ``on_progress``. Elsewhere: nothing."""
-    if _CONN is not None:
+    if _CHANNEL is not None:
+        _CHANNEL.report_progress(payload)
+    elif _CONN is not None:
         _CONN.send_bytes(pickle.dumps(("progress", int(os.environ.get("RANK", 0)), payload, 0.0)))
 
 
 def read_inbox(timeout: float) -> list[Any]:
     """Inside a pool rank, during a call: the payloads ``post``-ed to this rank, waiting up to ``timeout`` s
     for the first. Elsewhere: ``[]``."""
+    if _CHANNEL is not None:
+        return _CHANNEL.read_inbox(timeout)
     if _CONN is None or not _CONN.poll(timeout):
         return []
     payloads = []

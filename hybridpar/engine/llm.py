@@ -36,9 +36,10 @@ class LLM:
     """An engine for offline batched generation; see the module docstring and :class:`EngineConfig`.
 
     ``backend``: "auto" (NCCL with one GPU per rank, else gloo), "gloo" or "nccl".
-    ``distributed_executor_backend``: ``"mp"`` spawns the ranks; ``"external_launcher"`` makes this
-    process one rank of a torchrun job (every rank runs the same script;
-    :mod:`~hybridpar.engine.executor`). ``start_timeout``: seconds the ranks may take to start.
+    ``distributed_executor_backend``: ``"mp"`` spawns the ranks; ``"torchrun"`` (or ``"external_launcher"``)
+    makes this process one rank of a torchrun job (every rank runs the same script); ``"ray"`` starts
+    one Ray actor per rank, placed as ``ray_placement`` says (:mod:`~hybridpar.engine.executor`).
+    ``start_timeout``: seconds the ranks may take to start.
     ``worker_cls``: what each rank builds from the config (tests inject faults through it).
     """
 
@@ -47,8 +48,8 @@ class LLM:
                  page_size: int = 16, enable_prefix_caching: bool = True, schedule_policy: str = "lpm",
                  max_num_seqs: int = 64, max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.85, seed: int = 0, debug_checks: bool = False,
-                 enforce_eager: bool = False, backend: str = "auto",
-                 distributed_executor_backend: str = "mp", start_timeout: float = 300.0,
+                 enforce_eager: bool = False, backend: str = "auto", distributed_executor_backend: str = "mp",
+                 ray_placement: str = "pack", start_timeout: float = 300.0,
                  worker_cls: Callable[[EngineConfig], Any] = EngineWorker) -> None:
         self.config = EngineConfig(
             model=model, tensor_parallel_size=tensor_parallel_size, token_parallel_size=token_parallel_size,
@@ -61,7 +62,8 @@ class LLM:
         self.max_model_len = self.config.context_len(self.model_config)
         self._tokenizer: Any = None
         self._next_id = 0
-        self._pool = make_executor(distributed_executor_backend, worker_cls, self.config, backend, start_timeout)
+        self._pool = make_executor(distributed_executor_backend, worker_cls, self.config, backend, start_timeout,
+                                   ray_placement)
 
     # ---------------------------------------------------------------- tokenizer
     def get_tokenizer(self) -> Any:
