@@ -47,6 +47,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once per KV pool")
     p.add_argument("--debug-checks", action="store_true", help="check the radix cache's invariants after every step")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (GPU)")
+    p.add_argument("--attention-backend", default=None, choices=["torch_native", "triton"],
+                   help="decode attention inside CUDA graphs (default: the device's)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models: whole experts per rank over the EP group (TP, or TP x TKNP)")
 
 
 def _engine_args(args: argparse.Namespace) -> dict:
@@ -57,7 +61,8 @@ def _engine_args(args: argparse.Namespace) -> dict:
                 data_parallel_size=args.data_parallel_size, dtype=args.dtype,
                 enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, debug_checks=args.debug_checks, enforce_eager=args.enforce_eager,
-                backend="gloo" if args.force_cpu else "auto", ray_placement=args.ray_placement)
+                backend="gloo" if args.force_cpu else "auto", ray_placement=args.ray_placement,
+                attention_backend=args.attention_backend, enable_expert_parallel=args.enable_expert_parallel)
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:

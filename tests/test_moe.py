@@ -133,15 +133,16 @@ def test_engine_rejects_invalid_expert_parallel_layouts_before_spawning():
                         enable_token_parallel=True, enable_expert_parallel=True).check().moe.num_experts == 8
 
 
-def test_llm_serves_the_moe_model_with_tensor_parallel_experts(sweep):
+@pytest.mark.parametrize("layout", [{}, {"token_parallel_size": 2, "enable_token_parallel": True,
+                                          "enable_expert_parallel": True}], ids=["tp2-tp-experts", "tp2xtknp2-ep4"])
+def test_llm_serves_the_moe_model(sweep, layout):
     from hybridpar.core import SamplingParams
     from hybridpar.engine.llm import LLM
 
     ref = sweep[0]
-    with LLM(model="hybridpar/qwen2-moe-tiny", tensor_parallel_size=2, backend="gloo") as llm:
-        outs = llm.generate(ref.prompts[:2],
-                            SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
-    assert [o.outputs[0].token_ids for o in outs] == ref.continuations[:2]
+    with LLM(model="hybridpar/qwen2-moe-tiny", tensor_parallel_size=2, backend="gloo", **layout) as llm:
+        outs = llm.generate(ref.prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == ref.continuations
 
 
 def test_counted_all_to_all_bytes_match_the_recorded_splits(sweep):

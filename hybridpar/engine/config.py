@@ -29,7 +29,8 @@ class EngineConfig:
     ``mem_fraction_static``), or ``cpu_kv_cache_bytes`` on the CPU; under token parallelism each
     rank's pool holds ``max_num_seqs`` requests of ``max_model_len`` tokens. ``debug_checks``: the
     radix cache's integrity check after every step (slow; a broken invariant fails the rank).
-    ``enforce_eager``: no CUDA graphs (:attr:`use_cuda_graph`).
+    ``enforce_eager``: no CUDA graphs (:attr:`use_cuda_graph`). ``attention_backend`` (SGLang's name):
+    the decode attention of graph steps, ``"torch_native"`` or ``"triton"`` (``None``: the device's default).
     """
 
     model: str | None = None
@@ -51,6 +52,7 @@ class EngineConfig:
     seed: int = 0
     debug_checks: bool = False
     enforce_eager: bool = False
+    attention_backend: str | None = None
 
     @property
     def parallel(self) -> ParallelConfig:
@@ -100,7 +102,7 @@ class EngineConfig:
                           max_running_requests=self.max_num_seqs, max_context_len=self.context_len(model),
                           disable_radix_cache=not self.enable_prefix_caching, schedule_policy=self.schedule_policy,
                           chunked_prefill_size=self.chunked_prefill_size, debug_checks=self.debug_checks,
-                          use_cuda_graph=self.use_cuda_graph)
+                          use_cuda_graph=self.use_cuda_graph, attention_backend=self.attention_backend)
 
     @property
     def use_cuda_graph(self) -> bool:

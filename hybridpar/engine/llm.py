@@ -44,20 +44,23 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, tensor_parallel_size: int = 1, token_parallel_size: int = 1,
-                 enable_token_parallel: bool | None = None, data_parallel_size: int = 1, dtype: str = "auto",
+                 enable_token_parallel: bool | None = None, data_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False, dtype: str = "auto",
                  page_size: int = 16, enable_prefix_caching: bool = True, schedule_policy: str = "lpm",
                  max_num_seqs: int = 64, max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.85, seed: int = 0, debug_checks: bool = False,
-                 enforce_eager: bool = False, backend: str = "auto", distributed_executor_backend: str = "mp",
+                 enforce_eager: bool = False, attention_backend: str | None = None, backend: str = "auto",
+                 distributed_executor_backend: str = "mp",
                  ray_placement: str = "pack", start_timeout: float = 300.0,
                  worker_cls: Callable[[EngineConfig], Any] = EngineWorker) -> None:
         self.config = EngineConfig(
             model=model, tensor_parallel_size=tensor_parallel_size, token_parallel_size=token_parallel_size,
-            enable_token_parallel=enable_token_parallel, data_parallel_size=data_parallel_size, dtype=dtype,
+            enable_token_parallel=enable_token_parallel, data_parallel_size=data_parallel_size,
+            enable_expert_parallel=enable_expert_parallel, dtype=dtype,
             page_size=page_size, enable_prefix_caching=enable_prefix_caching, schedule_policy=schedule_policy,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, debug_checks=debug_checks,
-            enforce_eager=enforce_eager)
+            enforce_eager=enforce_eager, attention_backend=attention_backend)
         self.model_config = self.config.check()
         self.max_model_len = self.config.context_len(self.model_config)
         self._tokenizer: Any = None

@@ -25,6 +25,7 @@ from dataclasses import asdict
 from typing import Any
 
 from hybridpar.distributed.parallel_state import (
+    get_ep_group,
     get_data_parallel_rank,
     get_tknp_group,
     get_tp_group,
@@ -66,7 +67,8 @@ class EngineWorker:
         c = self.config
         return TknpSetup(model_name=c.model, tensor_parallel_size=c.tensor_parallel_size,
                          token_parallel_size=c.token_parallel_size, max_seq_len=c.context_len(model),
-                         max_requests_per_rank=c.max_num_seqs, dtype=c.torch_dtype_name)
+                         max_requests_per_rank=c.max_num_seqs, dtype=c.torch_dtype_name,
+                         enable_expert_parallel=c.enable_expert_parallel)
 
     def _build_scheduler(self) -> TPScheduler:
         from hybridpar.models.config import ModelConfig
@@ -83,7 +85,8 @@ class EngineWorker:
                 args.pop(sized)  # the TKNP plan sizes every rank's pool
             return build_tknp_scheduler(self._setup(model), page_size=c.page_size, **args)
         wrapper = TPRadixAttentionModelWrapper(c.model, dtype=c.torch_dtype_name, tp_group=get_tp_group(),
-                                               page_size=c.page_size)
+                                               page_size=c.page_size,
+                                               ep_group=get_ep_group() if c.enable_expert_parallel else None)
         return TPScheduler(wrapper, **args)
 
     def _build_attention_worker(self) -> Any:

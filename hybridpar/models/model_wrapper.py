@@ -67,7 +67,8 @@ class TPRadixAttentionModelWrapper:
 
     def __init__(self, model_name: str | None = None, device: str | torch.device | None = None, page_size: int = 16,
                  dtype: str | torch.dtype = torch.float32, load_format: str = "sharded",
-                 tp_group: GroupCoordinator | None = None, *, max_total_tokens: int | None = None,
+                 tp_group: GroupCoordinator | None = None, *, ep_group: GroupCoordinator | None = None,
+                 max_total_tokens: int | None = None,
                  mem_fraction_static: float = 0.85, disable_radix_cache: bool = False, schedule_policy: str = "lpm",
                  chunked_prefill_size: int | None = 8192, **server_args: Any) -> None:
         if tp_group is None and not model_parallel_is_initialized():
@@ -90,7 +91,7 @@ class TPRadixAttentionModelWrapper:
         self.path: Path = resolve_model(model_name)
         self.config = ModelConfig.from_pretrained(self.path)
         with torch.device(self.device):
-            self.model = DecoderForCausalLM(self.config, self.tp_group, self.dtype)
+            self.model = DecoderForCausalLM(self.config, self.tp_group, self.dtype, ep_group)
         self.model.eval()
         self.load_stats: LoadStats = load_checkpoint(self.model, self.path, load_format)
 

@@ -90,7 +90,7 @@ class TPScheduler:
                                         config.head_dim, config.num_layers, self.device)
         self.backend = RadixAttentionBackend(self.req_to_token_pool, self.kv_pool, check_reads=self.args.debug_checks)
         self.runner = ModelRunner(self.model, self.backend, self.req_to_token_pool, self.kv_pool, self.device,
-                                  self.args.max_running_requests, self.args.use_cuda_graph)
+                                  self.args.max_running_requests, self.args.use_cuda_graph, self.args.attention_backend)
         self.metrics = SchedulerMetrics()
         self.on_request_finished: Callable[[RequestResult], None] | None = None  # rank 0 (progress bars)
         self.on_token: Callable[[ServeReq, int], None] | None = None  # rank 0: each sampled token (streaming)

@@ -41,6 +41,7 @@ from torch import nn
 
 from hybridpar.distributed.launcher import current_device
 from hybridpar.distributed.parallel_state import (
+    get_ep_group,
     get_layout,
     get_tknp_group,
     get_tp_group,
@@ -73,6 +74,7 @@ class TknpSetup:
     max_seq_len: int = 128
     max_requests_per_rank: int = 8
     dtype: str = "float32"
+    enable_expert_parallel: bool = False  # MoE models: experts over the EP group (TP x TKNP)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -237,7 +239,9 @@ def build_scheduler(setup: TknpSetup, page_size: int = 16, record: bool = False,
 
     ensure_groups(setup)
     tp = get_tp_group()
-    wrapper = TPRadixAttentionModelWrapper(setup.model_name, dtype=setup.torch_dtype, tp_group=tp, page_size=page_size)
+    ep = get_ep_group() if setup.enable_expert_parallel else None
+    wrapper = TPRadixAttentionModelWrapper(setup.model_name, dtype=setup.torch_dtype, tp_group=tp, page_size=page_size,
+                                           ep_group=ep)
     param_bytes = sum(p.numel() * p.element_size() for p in wrapper.model.parameters())
     geometry = AttentionGeometry.from_config(wrapper.config, tp.world_size, tp.rank_in_group, setup.torch_dtype)
     sizes = dict(max_total_tokens=paged_pool_tokens(setup, geometry, param_bytes, page_size),
@@ -273,9 +277,32 @@ def build_paged_worker(setup: TknpSetup, page_size: int = 16) -> AttentionWorker
     tp = get_tp_group()
     geometry = AttentionGeometry.from_config(config, tp.world_size, tp.rank_in_group, setup.torch_dtype)
     device = current_device()
-    backend, mirror = build_paged_worker_backend(geometry, paged_pool_tokens(setup, geometry, 0, page_size), page_size,
-                                                 setup.max_requests_per_rank, setup.max_seq_len, device)
+    shard = expert_shard(setup) if setup.enable_expert_parallel else None
+    param_bytes = 0 if shard is None else sum(p.numel() * p.element_size() for p in shard.parameters())
+    backend, mirror = build_paged_worker_backend(geometry, paged_pool_tokens(setup, geometry, param_bytes, page_size),
+                                                 page_size, setup.max_requests_per_rank, setup.max_seq_len, device)
+    if shard is not None:
+        from hybridpar.tknp.expert_worker import ExpertWorker
+
+        return ExpertWorker(backend, geometry, get_tknp_group(), shard, device, mirror=mirror)
     return AttentionWorker(backend, geometry, get_tknp_group(), device, mirror=mirror)
+
+
+def expert_shard(setup: TknpSetup) -> nn.Module | None:
+    """A non-root rank's experts under expert parallelism (``None`` for a dense model), loaded sharded."""
+    from hybridpar.models.config import ModelConfig
+    from hybridpar.models.default_checkpoint import resolve_model
+    from hybridpar.models.loader import load_checkpoint
+    from hybridpar.models.moe import ExpertShard
+
+    path = resolve_model(setup.model_name)
+    config = ModelConfig.from_pretrained(path)
+    if config.moe is None:
+        return None
+    with torch.device(current_device()):
+        shard = ExpertShard(config, get_tp_group(), get_ep_group(), setup.torch_dtype)
+    load_checkpoint(shard, path)
+    return shard
 
 
 def predicted_plan(setup: TknpSetup, page_size: int = 16) -> MemoryPlan:
