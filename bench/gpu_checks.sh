@@ -24,6 +24,8 @@ run() {  # run NAME CMD...: tee into $OUT/NAME.log, remember failures
 for what in "${@:-tests verify}"; do for w in $what; do case $w in
   tests)
     run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu $(grep -l "mark.gpu" tests/test_*.py) ;;
+  serving)
+    run serving_smoke python3 bench/gpu_serve_smoke.py ;;
   verify)
     run verify_tp2_fp32 python3 -m hybridpar.models.verify --tp 2 --dtype fp32 --backend nccl
     run verify_tp2_bf16 python3 -m hybridpar.models.verify --tp 2 --dtype bf16 --backend nccl
