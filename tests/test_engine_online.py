@@ -63,12 +63,16 @@ def test_online_engine_matches_transformers_and_aborts_cleanly(layout: dict, poo
                 await asyncio.sleep(0.05)
             load = engine.total_load()
             assert engine.num_requests == 0 and load.kv_used_tokens == 0 and load.running == load.waiting == 0
-            busy = asyncio.ensure_future(_collect(engine, ids[1], long, "cut-by-stop"))
-            await asyncio.sleep(0.5)
+            longest = SamplingParams(max_tokens=(pool_tokens or 256) - len(ids[1]), ignore_eos=True)
+            busy = engine.generate(ids[1], longest, "cut-by-stop")
+            tokens = (await anext(busy)).token_ids  # it runs: hundreds of steps to go
         finally:
             await engine.shutdown(drain_timeout=0.0)  # aborts what runs, then ends the ranks
-        tokens, reason = await busy
-        assert reason == "abort" and len(tokens) < 100
+        reason = ""
+        async for delta in busy:
+            tokens += delta.token_ids
+            reason = delta.finished.finish_reason if delta.finished is not None else reason
+        assert reason == "abort" and len(tokens) < longest.max_tokens
         assert engine.final_stats is not None and not engine.is_running
 
     asyncio.run(run())
