@@ -248,7 +248,7 @@ def copy_bandwidth(device: torch.device | str, nbytes: int = 4 << 30, iters: int
 
 # --------------------------------------------------------------------------- models with random weights
 def builtin_hf_config(name: str) -> dict[str, Any]:
-    """The ``config.json`` dict of a built-in recipe (``hybridpar.models.default_checkpoint.BUILTIN_MODELS``)."""
+    """The ``config.json`` dict of a built-in recipe (``hybridpar.models.builtin_models.BUILTIN_MODELS``)."""
     from hybridpar.models.default_checkpoint import BUILTIN_MODELS
 
     if name not in BUILTIN_MODELS:

@@ -1,6 +1,6 @@
 """The files of a recipe checkpoint: its tensors, its tokenizer, its config (written by :func:`write_checkpoint`).
 
-A recipe (:class:`~hybridpar.models.default_checkpoint.ModelSpec`) says what a built-in checkpoint
+A recipe (:class:`~hybridpar.models.builtin_models.ModelSpec`) says what a built-in checkpoint
 is; this module turns it into ``config.json``, ``generation_config.json``, the tokenizer files and
 safetensors. Weights are a pure function of (recipe, tensor name): every tensor draws from its own
 generator, so a sharded and an unsharded copy of the same recipe hold identical tensors
