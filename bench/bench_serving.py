@@ -4,7 +4,8 @@ In the style of SGLang's ``bench_serving``: requests are sent to the OpenAI-comp
 streamed completions (token-id prompts), either all at once (``--request-rate inf``) or with
 Poisson arrivals at ``--request-rate`` requests/s, and each is timed from the moment it is sent:
 
-* TTFT, time to first token: until the first text chunk arrives;
+* TTFT, time to first token: until the first event with tokens arrives (the server sends one per step
+  that sampled tokens for the request, with the text that became certain, possibly none);
 * TPOT, time per output token: (latency - TTFT) / (output tokens - 1);
 * request throughput and output tokens/s over the whole run (first send to last token);
 * prefix-cache hit rate: cached prompt tokens / prompt tokens, from the responses' ``usage``.
@@ -51,7 +52,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            if chunk["choices"] and chunk["choices"][0]["text"] and ttft is None:
+            if chunk["choices"] and ttft is None:  # the first step's tokens (a shape model's text may be empty)
                 ttft = time.perf_counter() - start
             usage = chunk.get("usage") or usage
     latency = time.perf_counter() - start
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output-len", type=int, default=None)
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="requests running at once (default: all of them)")
     ap.add_argument("--workloads", nargs="+", default=["shared-prefix", "random"])
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     rows, records = [], []
     for cache, flags in configs:
         server = None if flags is None else start_server(name, tensor_parallel_size=tp, dtype=dtype,
-                                                         max_model_len=s + q + out_len + 16, **flags)
+                                                         max_model_len=s + q + out_len + 16,
+                                                         max_num_seqs=a.max_num_seqs or g * p, **flags)
         url = a.base_url or server.url
         try:
             for kind in a.workloads:
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                               ("tpot_p99_ms", "TPOT p99", ".2f"), ("hit_rate", "hit rate", ".3f")]))
     meta = bench_env("cpu" if a.cpu else None)
     meta.update(model=name, dtype=dtype, tensor_parallel_size=tp, shape=[g, p, s, q], output_len=out_len,
+                max_num_seqs=a.max_num_seqs or g * p,
                 request_rate=a.request_rate, runs=a.runs, ideal_hit_rate=ideal)
     print("wrote", write_results("serving", records, meta))
 

@@ -159,7 +159,7 @@ class _Call:
                     yield _sse(completion_object(self.rid, name, self.choice(text, self.finish_reason(delta), True),
                                                  self.chat, True))
                     break
-                if text:
+                if delta.token_ids:  # one event per step that sampled tokens, even while their text is held back
                     yield _sse(completion_object(self.rid, name, self.choice(text, None, True), self.chat, True))
                 delta = await anext(stream)
                 text = self.on_delta(delta)
