@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None, help="requests running at once (default: all of them)")
     ap.add_argument("--workloads", nargs="+", default=["shared-prefix", "random"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="serving", help="results file name (serving-<device>-<date>.json)")
     a = ap.parse_args(argv)
     model = a.model or ("qwen2-tiny" if a.cpu else "qwen2.5-0.5b-shape")
     dtype = a.dtype or ("auto" if a.cpu else "bf16")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     meta.update(model=name, dtype=dtype, tensor_parallel_size=tp, shape=[g, p, s, q], output_len=out_len,
                 max_num_seqs=a.max_num_seqs or g * p,
                 request_rate=a.request_rate, runs=a.runs, ideal_hit_rate=ideal)
-    print("wrote", write_results("serving", records, meta))
+    print("wrote", write_results(a.name, records, meta))
 
 
 if __name__ == "__main__":

