@@ -48,8 +48,10 @@ def measure(batch: int, context: int, hq: int, hkv: int, d: int, iters: int, dev
     kv_bytes = 2 * batch * context * hkv * d * 2
     row = {"batch": batch, "context": context, "num_kv_splits": splits, "kv_bytes": kv_bytes, "max_abs_err": err}
     for name, fn in (("torch_native", torch_native), ("triton", triton_kernel)):
-        t = median(time_fn(fn, device, iters=iters, warmup=5))
+        samples = time_fn(fn, device, iters=iters, warmup=5)  # both sides: the same warm-up and sample count
+        t = median(samples)
         row[f"{name}_us"], row[f"{name}_gb_s"] = t * 1e6, kv_bytes / t / 1e9
+        row[f"{name}_us_min"], row[f"{name}_us_max"] = min(samples) * 1e6, max(samples) * 1e6
     row["speedup"] = row["torch_native_us"] / row["triton_us"]
     return row
 

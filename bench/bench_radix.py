@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 from hybridpar import launch
-from hybridpar.bench import ModelHandle, bench_env, build_model, format_table, write_results
+from hybridpar.bench import ModelHandle, bench_env, build_model, format_table, percentile, write_results
 from hybridpar.distributed.launcher import current_device
 from hybridpar.distributed.parallel_state import get_tp_group, initialize_tensor_parallel
 from hybridpar.radix.radix_cache import RadixCache
@@ -77,10 +76,6 @@ class TreeTimer:
                     self.seconds += time.perf_counter() - start
                     self.calls += 1
         return timed
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
 def serve(handle: ModelHandle, workload: SharedPrefixWorkload, shuffle: bool, **overrides) -> dict:

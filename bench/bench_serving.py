@@ -14,7 +14,8 @@ Two workloads: ``shared-prefix`` (G groups x P prompts, each a group's S-token s
 Q-token question; :class:`~hybridpar.radix.workload.SharedPrefixWorkload`) and ``random`` (the same
 lengths with nothing shared). Every server configuration gets one unmeasured warm-up round of the
 same workload shape (other token ids) before the measured runs; the measured run is repeated
-``--runs`` times and the table gives the median, with the spread in the JSON.
+``--runs`` times and the table gives the median and the spread of the median TTFT (every run is in the
+JSON, with each measure's min and max).
 
     python bench/bench_serving.py --cpu                 # miniature: qwen2-tiny, 4 x 4 x 64 / 16 / 16, TP 2
     python bench/bench_serving.py                       # GPU: qwen2.5-0.5b-shape bf16, 16 x 16 x 1024 / 64 / 128
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import httpx
 
-from hybridpar.bench import bench_env, format_table, write_results
+from hybridpar.bench import bench_env, format_table, percentile, write_results
 from hybridpar.radix.workload import SharedPrefixWorkload
 from hybridpar.serving import start_server
 
@@ -78,16 +79,11 @@ async def run_load(url: str, model: str, prompts: list[list[int]], max_tokens: i
     return {"requests": len(done), "wall_s": wall, "request_throughput": len(done) / wall,
             "output_tokens_per_s": sum(d["output_tokens"] for d in done) / wall,
             "ttft_mean_ms": 1e3 * statistics.mean(ttft), "ttft_median_ms": 1e3 * statistics.median(ttft),
-            "ttft_p99_ms": 1e3 * _quantile(ttft, 0.99),
+            "ttft_p99_ms": 1e3 * percentile(ttft, 99),
             "tpot_mean_ms": 1e3 * statistics.mean(tpot) if tpot else None,
             "tpot_median_ms": 1e3 * statistics.median(tpot) if tpot else None,
-            "tpot_p99_ms": 1e3 * _quantile(tpot, 0.99) if tpot else None,
+            "tpot_p99_ms": 1e3 * percentile(tpot, 99) if tpot else None,
             "hit_rate": sum(d["cached_tokens"] for d in done) / prompt_tokens}
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def workload_prompts(kind: str, g: int, p: int, s: int, q: int, vocab: int, seed: int) -> list[list[int]]:
@@ -133,9 +129,12 @@ def main(argv: list[str] | None = None) -> None:
                 asyncio.run(run_load(url, name, warm, out_len, a.request_rate, a.seed))  # warm-up, not measured
                 runs = [asyncio.run(run_load(url, name, workload_prompts(kind, g, p, s, q, vocab, a.seed + r),
                                              out_len, a.request_rate, a.seed + r)) for r in range(a.runs)]
-                summary = {k: statistics.median(r[k] for r in runs) for k in runs[0] if runs[0][k] is not None}
-                rows.append({"workload": kind, "cache": cache, **summary})
-                records.append({"workload": kind, "cache": cache, "runs": runs, "median": summary})
+                keys = [k for k in runs[0] if runs[0][k] is not None]
+                summary = {k: statistics.median(r[k] for r in runs) for k in keys}
+                spread = {k: [min(r[k] for r in runs), max(r[k] for r in runs)] for k in keys}
+                rows.append({"workload": kind, "cache": cache, **summary,
+                             "ttft_p50_range": "{:.0f}-{:.0f}".format(*spread["ttft_median_ms"])})
+                records.append({"workload": kind, "cache": cache, "runs": runs, "median": summary, "spread": spread})
         finally:
             if server is not None:
                 server.stop()
@@ -144,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
           f"median of {a.runs} runs; best possible shared-prefix hit rate {ideal:.3f}")
     print(format_table(rows, [("workload", "workload", ""), ("cache", "cache", ""), ("request_throughput", "req/s", ".2f"),
                               ("output_tokens_per_s", "out tok/s", ".0f"), ("ttft_mean_ms", "TTFT mean", ".1f"),
-                              ("ttft_median_ms", "TTFT p50", ".1f"), ("ttft_p99_ms", "TTFT p99", ".1f"),
+                              ("ttft_median_ms", "TTFT p50", ".1f"), ("ttft_p50_range", "(min-max)", ""),
+                              ("ttft_p99_ms", "TTFT p99", ".1f"),
                               ("tpot_mean_ms", "TPOT mean", ".2f"), ("tpot_median_ms", "TPOT p50", ".2f"),
                               ("tpot_p99_ms", "TPOT p99", ".2f"), ("hit_rate", "hit rate", ".3f")]))
     meta = bench_env("cpu" if a.cpu else None)

@@ -2,7 +2,8 @@
 
 nano-vllm's ``bench.py``: ``--requests`` (256) requests whose prompt and output lengths are drawn
 uniformly from ``[--min-len, --max-len]`` (100..1024, seed 0), random token ids, EOS ignored, all
-submitted at once; the result is output tokens per second of wall time. Here they are served by
+submitted at once; the result is output tokens per second of wall time (one warm-up run of the whole
+workload, then the median of ``--runs`` timed runs, with their min and max). Here they are served by
 :class:`~hybridpar.radix.scheduler.TPScheduler` (continuous batching, chunked prefill, CUDA
 graphs; the radix cache off, since random prompts share nothing) on a model shape with random
 bf16 weights: ``qwen3-0.6b-shape`` (the model nano-vllm reports) and ``llama-7b-shape``.
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch
 
 from hybridpar import launch
-from hybridpar.bench import ModelHandle, bench_env, build_model, copy_bandwidth, format_table, write_results
+from hybridpar.bench import ModelHandle, bench_env, build_model, copy_bandwidth, format_table, median, write_results
 from hybridpar.distributed.launcher import current_device
 from hybridpar.distributed.parallel_state import get_tp_group, initialize_tensor_parallel
 
@@ -51,7 +52,7 @@ def roofline(reqs: list[tuple[list[int], int]], weight_bytes: int, kv_bytes_per_
 
 
 def worker(models: list[str], dtype_name: str, reqs_spec: tuple[int, int, int], graphs: bool, copy_bytes: int,
-           peak_flops: float, server: dict) -> list[dict]:
+           peak_flops: float, server: dict, runs: int = 3) -> list[dict]:
     from hybridpar.core import SamplingParams
     from hybridpar.radix.scheduler import TPScheduler
 
@@ -65,14 +66,16 @@ def worker(models: list[str], dtype_name: str, reqs_spec: tuple[int, int, int], 
         reqs = workload(*reqs_spec, vocab=min(cfg.vocab_size, 32000))
         handle = ModelHandle(model, get_tp_group(), device,
                              server_kwargs=dict(use_cuda_graph=graphs, disable_radix_cache=True, **server))
-        for warm in (True, False):  # the first pass compiles kernels and captures graphs; the second is timed
+        walls = []
+        for _ in range(runs + 1):  # the first run is the warm-up at the measured shapes (kernels, graphs)
             sched = TPScheduler(handle)
-            for prompt, n in (reqs[:4] if warm else reqs):
+            for prompt, n in reqs:
                 sched.add_request(prompt, sampling=SamplingParams(max_new_tokens=n, ignore_eos=True))
             sched.process_requests()
-        m = sched.metrics
-        capture = sched.runner.graph_runner.runner.capture_seconds if sched.runner.graph_runner is not None else 0.0
-        wall = m.wall_s - capture
+            graph = sched.runner.graph_runner
+            capture = graph.runner.capture_seconds if graph is not None else 0.0
+            walls.append(sched.metrics.wall_s - capture)  # a scheduler captures its own graphs: not serving time
+        m, wall = sched.metrics, median(walls[1:])
         params = sum(p.numel() for p in model.parameters())
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(model.dtype).bits // 8
@@ -81,6 +84,7 @@ def worker(models: list[str], dtype_name: str, reqs_spec: tuple[int, int, int], 
         rows.append({"model": name, "requests": len(reqs), "input_tokens": sum(len(p) for p, _ in reqs),
                      "output_tokens": out_tokens, "generated_tokens": m.generated_tokens, "wall_s": wall,
                      "graph_capture_s": capture, "output_tok_s": m.generated_tokens / wall,
+                     "wall_s_runs": walls[1:], "wall_s_min": min(walls[1:]), "wall_s_max": max(walls[1:]),
                      "decode_steps": m.decode_steps, "prefill_steps": m.prefill_steps, "preemptions": m.preemptions,
                      "roofline_s": roof["seconds"], "roofline_tok_s": out_tokens / roof["seconds"],
                      "roofline_share": roof["seconds"] / wall, "roofline": roof, "copy_bandwidth": bandwidth,
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--max-running", type=int, default=256)
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up run (median and min/max)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200: 989)")
     args = p.parse_args(argv)
     server = dict(max_running_requests=args.max_running, chunked_prefill_size=8192, max_prefill_tokens=16384)
@@ -110,10 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
             p.error("no GPU: use --cpu for the miniature")
         models, dtype, backend, copy_bytes = args.models or ["qwen3-0.6b-shape", "llama-7b-shape"], "bfloat16", "nccl", 4 << 30
         spec = (args.requests, args.min_len, args.max_len)
-    rows = launch(worker, 1, models, dtype, spec, True, copy_bytes, args.peak_tflops * 1e12, server,
+    rows = launch(worker, 1, models, dtype, spec, True, copy_bytes, args.peak_tflops * 1e12, server, args.runs,
                   backend=backend, timeout=1200)[0]
     print(f"{spec[0]} requests, input and output lengths uniform in {spec[1]}..{spec[2]}, ignore_eos, {dtype}")
-    print(format_table(rows, [("model", "model", ""), ("output_tokens", "output tokens", ",d"), ("wall_s", "s", ".2f"),
+    print(format_table(rows, [("model", "model", ""), ("output_tokens", "output tokens", ",d"), ("wall_s", "s (median)", ".2f"), ("wall_s_min", "min", ".2f"), ("wall_s_max", "max", ".2f"),
                               ("output_tok_s", "output tok/s", ",.0f"), ("roofline_tok_s", "roofline tok/s", ",.0f"),
                               ("roofline_share", "share", ".1%"), ("preemptions", "preempted", "d")]))
     res = {"requests": spec[0], "min_len": spec[1], "max_len": spec[2], "dtype": dtype, "server": server, "rows": rows}

@@ -184,6 +184,11 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, iters: int = 20, 
     return samples
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (1..99) of ``values``, interpolated; a single value is its own percentile."""
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
 def median(samples: Iterable[float]) -> float:
     return float(statistics.median(list(samples)))
 

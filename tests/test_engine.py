@@ -21,8 +21,9 @@ GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
 LONG = list(range(5, 45))  # more than two KV pages of 16 tokens: the radix cache keeps whole pages
 
 
-def _gone(pids: list[int]) -> bool:
-    deadline = time.monotonic() + 10
+def _gone(pids: list[int], within: float = 10.0) -> bool:
+    """Every process of ``pids`` has exited (or is a zombie) within ``within`` seconds."""
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
             return True

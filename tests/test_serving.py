@@ -13,11 +13,11 @@ import time
 
 import httpx
 import openai
-import psutil
 import pytest
 
 from hybridpar import LLM, SamplingParams
 from hybridpar.serving import ServerStartError, start_server
+from tests.test_engine import _gone
 
 KEY = "test-key"
 MODEL = "hybridpar/qwen2-tiny"
@@ -27,15 +27,6 @@ PROMPTS = ["The radix cache", "Tensor parallelism splits each layer", "A token-p
 CHAT = [{"role": "user", "content": "What is a radix tree?"}]
 
 pytestmark = pytest.mark.slow
-
-
-def _gone(pids: list[int], within: float = 20.0) -> bool:
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _info(url: str) -> dict:
@@ -174,7 +165,7 @@ def test_a_dead_rank_ends_streams_with_503_and_the_server_exits_without_orphans(
         events = _stream(handle.url, body, after=2, then=lambda: os.kill(pids[1], signal.SIGKILL))
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == 503
         assert handle.process.wait(timeout=60) == 1  # the process exits by itself
-        assert _gone(pids) and "rank 1" in handle.log()
+        assert _gone(pids, within=20.0) and "rank 1" in handle.log()
 
 
 def test_sigterm_drains_requests_in_flight_then_ends_the_ranks() -> None:
@@ -186,7 +177,7 @@ def test_sigterm_drains_requests_in_flight_then_ends_the_ranks() -> None:
     with pytest.raises(httpx.TransportError):  # no new requests once draining started
         httpx.post(f"{handle.url}/v1/completions", json={"prompt": "x"}, timeout=5)
     handle.process.wait(timeout=60)
-    assert _gone(pids) and "Application shutdown complete" in handle.log()
+    assert _gone(pids, within=20.0) and "Application shutdown complete" in handle.log()
 
 
 def test_a_bad_layout_fails_in_one_line_before_any_rank_starts() -> None:

@@ -98,10 +98,6 @@ def _apply(sched: Any, command: tuple, report: StepReport) -> bool:
 
 
 def _abort(sched: Any, rid: Any, report: StepReport) -> None:
-    req = sched.abort(rid)
-    if req is not None:
-        now = time.perf_counter()
-        first = req.first_token_time or now
-        report.finished.append(RequestResult(rid, list(req.origin_input_ids), list(req.output_ids), "abort",
-                                             req.cached_tokens or 0, req.num_preemptions, first - req.arrival_time,
-                                             now - req.arrival_time))
+    result = sched.abort(rid)
+    if result is not None:
+        report.finished.append(result)

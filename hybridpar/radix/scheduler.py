@@ -228,8 +228,8 @@ class TPScheduler:
         """Every request held: waiting, running, half prefilled."""
         return self.waiting + self.running + ([self.chunked_req] if self.chunked_req is not None else [])
 
-    def abort(self, rid: int | str) -> ServeReq | None:
-        """Drop request ``rid`` wherever it is (between steps); its KV goes to the tree as cache."""
+    def abort(self, rid: int | str) -> RequestResult | None:
+        """Drop request ``rid`` (between steps); its KV goes to the tree as cache. Its result, or ``None``."""
         req = next((r for r in self.live_requests() if r.rid == rid), None)
         if req is None:
             return None
@@ -237,8 +237,8 @@ class TPScheduler:
             self.tree_cache.cache_finished_req(req)
         self.waiting, self.running = [r for r in self.waiting if r is not req], [r for r in self.running if r is not req]
         self.chunked_req = None if req is self.chunked_req else self.chunked_req
-        req.finish_reason = "abort"
-        return req
+        req.finish_reason, req.finish_time = "abort", time.perf_counter()
+        return self._result(req)
 
     def load(self) -> SchedulerLoad:
         """Requests running and waiting, and KV tokens held by requests (evictable cache counts as free)."""
@@ -390,8 +390,9 @@ class TPScheduler:
 
     def _result(self, req: ServeReq) -> RequestResult:
         text = self.wrapper.decode(req.output_ids) if req.prompt_text is not None else None
+        first = req.first_token_time or req.finish_time  # an aborted request may have no token yet
         return RequestResult(req.rid, list(req.origin_input_ids), list(req.output_ids), req.finish_reason,
-                             req.cached_tokens or 0, req.num_preemptions, req.first_token_time - req.arrival_time,
+                             req.cached_tokens or 0, req.num_preemptions, first - req.arrival_time,
                              req.finish_time - req.arrival_time, text)
 
     # --------------------------------------------------------------- inspection

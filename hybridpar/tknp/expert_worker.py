@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from hybridpar.distributed.communication_op import gatherv, scatterv
 from hybridpar.distributed.parallel_state import GroupCoordinator
 from hybridpar.models.attention_backend import AttentionBackend
 from hybridpar.models.moe import ExpertShard
-from hybridpar.radix.pool_sync import replay
-from hybridpar.tknp.attention import AttentionGeometry, PassPlan, attend_piece
+from hybridpar.tknp.attention import AttentionGeometry
 from hybridpar.tknp.worker import AttentionWorker
 
 
@@ -38,28 +36,11 @@ class ExpertWorker(AttentionWorker):
         super().__init__(backend, geometry, group, device, mirror)
         self.shard = shard
 
-    @torch.no_grad()
-    def run_pass(self, plan: PassPlan) -> None:
-        """AttentionWorker's pass, with each sparse layer's expert step after the layer's attention."""
-        mine = plan.sub_batches[self.group.rank_in_group]
-        if mine.mem_ops:
-            replay(mine.mem_ops, *self.mirror)
-        sizes = plan.split_sizes
-        if sum(sizes) == 0:
-            return
-        fb = mine.forward_batch(self.backend, self.device)
-        if fb is not None:
-            self.backend.init_forward_metadata(fb)
-            self.stats.rows_used.update(mine.req_pool_indices)
-            self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, sum(fb.seq_lens))
-        g, moe = self.geometry, self.shard.config.moe
-        template = torch.empty(0, g.packed_heads, g.head_dim, dtype=g.dtype, device=self.device)
-        no_tokens = torch.empty(0, self.shard.config.hidden_size, dtype=g.dtype, device=self.device)
-        no_routes = torch.empty(0, moe.top_k, dtype=torch.long, device=self.device)
-        for layer_id in range(g.num_layers):
-            packed = scatterv(template, sizes, src=0, dim=0, group=self.group)
-            gatherv(attend_piece(self.backend, layer_id, packed, g, fb), sizes, dst=0, dim=0, group=self.group)
-            if moe.is_sparse(layer_id):
-                self.shard.experts[str(layer_id)](no_tokens, no_routes.to(g.dtype), no_routes)
-        self.stats.steps += 1
-        self.stats.new_tokens += mine.num_tokens
+    def after_layer(self, layer_id: int) -> None:
+        """A sparse layer's expert step: no tokens of its own, the roots' rows for its experts."""
+        moe = self.shard.config.moe
+        if moe.is_sparse(layer_id):
+            g = self.geometry
+            no_tokens = torch.empty(0, self.shard.config.hidden_size, dtype=g.dtype, device=self.device)
+            no_routes = torch.empty(0, moe.top_k, dtype=torch.long, device=self.device)
+            self.shard.experts[str(layer_id)](no_tokens, no_routes.to(g.dtype), no_routes)

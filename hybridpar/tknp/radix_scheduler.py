@@ -256,16 +256,16 @@ class TknpScheduler(TPScheduler):
                 live += super().live_requests()
         return live
 
-    def abort(self, rid: int | str) -> ServeReq | None:
+    def abort(self, rid: int | str) -> RequestResult | None:
         """TPScheduler's abort on the TKNP rank the request was placed on."""
         rank = self.placement.get(rid)
         if rank is None:
             return None
         with self.as_rank(rank):
-            req = super().abort(rid)
-        if req is not None:
+            result = super().abort(rid)
+        if result is not None:
             self.placer.release(rid)
-        return req
+        return result
 
     def load(self) -> SchedulerLoad:
         """TPScheduler's load summed over the TKNP group's ranks."""

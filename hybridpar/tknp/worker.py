@@ -100,6 +100,10 @@ class AttentionWorker:
                 return self.stats
             self.run_pass(plan)
 
+    def after_layer(self, layer_id: int) -> None:
+        """What this rank does after a layer's attention, in step with the root (nothing here; an
+        :class:`~hybridpar.tknp.expert_worker.ExpertWorker` serves its experts)."""
+
     @torch.no_grad()
     def run_pass(self, plan: PassPlan) -> None:
         """One forward pass: every layer's scatter, local attention, gather."""
@@ -122,5 +126,6 @@ class AttentionWorker:
             packed = scatterv(template, sizes, src=0, dim=0, group=self.group)
             o = attend_piece(self.backend, layer_id, packed, g, fb)
             gatherv(o, sizes, dst=0, dim=0, group=self.group)
+            self.after_layer(layer_id)
         self.stats.steps += 1
         self.stats.new_tokens += mine.num_tokens
