@@ -1,24 +1,29 @@
 """Decode-step latency on one GPU against the HBM roofline, for batch 1 .. 128.
 
 For each model shape (random bf16 weights drawn on the GPU) and batch size ``B``, every request
-has ``--context`` tokens of KV (random values: timing does not depend on them) and the step adds
-one token to each. Three ways to run the same step, each timed as the median of ``--iters``
+has about ``--context`` tokens of KV (random values: timing does not depend on them) and the step
+adds one token to each. The ways to run the same step, each timed as the median of ``--iters``
 steps with CUDA events, the host's work included (input preparation, greedy argmax, copying the
 ``B`` token ids back):
 
 * ``reference``: the model's forward over :class:`~hybridpar.models.attention_backend.ContiguousKVCache`
   (what ``generate`` did before the fast path; kernels launched one by one from Python);
 * ``static``: the batched static decode path of :mod:`hybridpar.models.cuda_graph`, eager;
-* ``graph``: the same, replayed from a CUDA graph (``use_cuda_graph=True``);
-* ``compiled``: the graph with RMSNorm, RoPE and SwiGLU fused by ``torch.compile``
-  (:mod:`hybridpar.models.fused_ops`; ``--modes ... compiled``);
-* ``graph_triton`` / ``compiled_triton``: the same with the Triton paged-decode attention
-  (``attention_backend="triton"``, :mod:`hybridpar.models.triton_decode`) instead of gather + SDPA.
+* ``graph``: the same, replayed from a CUDA graph, with PyTorch's element-wise ops and gather + SDPA
+  decode attention (``attention_backend="torch_native"``);
+* ``graph_triton``: the graph with the Triton paged-decode attention (:mod:`hybridpar.models.triton_decode`),
+  which reads the KV in place;
+* ``fused``: ``graph_triton`` with RMSNorm (+ residual add), RoPE and SwiGLU as one Triton kernel
+  each (:mod:`hybridpar.models.triton_ops`): the default on a GPU.
+
+The graph modes run as a decoding loop does: each step's own greedy tokens are its next inputs and
+the lengths grow by one, so a steady step copies nothing to the device (:class:`~hybridpar.models.cuda_graph.DecodeGraphRunner`);
+the lengths restart every ``WINDOW`` steps, which then load the batch again.
 
 The roofline step reads every weight once (an untied input embedding only one row per token, so
 its table is left out) and every request's KV once:
-``T_roof = (weight bytes read + B * S * KV bytes per token) / bandwidth`` for a context of ``S`` tokens, with the bandwidth
-measured here by a device-to-device copy. ``fraction = t_roof / t``.
+``T_roof = (weight bytes read + B * S * KV bytes per token) / bandwidth`` for the mean context ``S``
+of the timed steps, with the bandwidth measured here by a device-to-device copy. ``fraction = t_roof / t``.
 
     python bench/bench_decode.py                          # GPU: qwen2.5-0.5b-shape, llama-7b-shape
     python bench/bench_decode.py --cpu                    # miniature: tiny models, fp32, CPU
@@ -26,6 +31,7 @@ measured here by a device-to-device copy. ``fraction = t_roof / t``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -38,6 +44,8 @@ from hybridpar.bench import bench_env, build_model, copy_bandwidth, format_table
 from hybridpar.distributed.launcher import current_device
 from hybridpar.distributed.parallel_state import get_tp_group, initialize_tensor_parallel
 from hybridpar.radix.mem_pool import kv_bytes_per_token as pool_kv_bytes_per_token
+
+WINDOW = 16  # timed steps run at contexts context-15 .. context (the roofline takes context - 7.5)
 
 
 def param_bytes(model: torch.nn.Module) -> int:
@@ -67,9 +75,10 @@ def fill_random_(buffers: list[torch.Tensor]) -> None:
 
 
 def decode_step_fns(model, batch: int, context: int, modes: list[str]) -> dict:
-    """One callable per mode running a decode step of ``batch`` requests at ``context`` tokens."""
+    """One callable per mode running a decode step of ``batch`` requests at about ``context`` tokens."""
     from hybridpar.models.attention_backend import ForwardBatch
     from hybridpar.models.cuda_graph import ContiguousDecodeRunner
+    from hybridpar.models.fused_ops import fused_ops_disabled
 
     device = model.lm_head.weight.device
     ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)
@@ -81,31 +90,29 @@ def decode_step_fns(model, batch: int, context: int, modes: list[str]) -> dict:
         rows = cache.alloc(batch)
 
         def reference(cache=cache, rows=rows) -> list[int]:
-            fb = ForwardBatch.build(cache, rows, [context - 1] * batch, [1] * batch, device)
-            logits = model.compute_logits(model(ids, fb.positions, fb))
-            return logits.argmax(-1).tolist()
+            with fused_ops_disabled():
+                fb = ForwardBatch.build(cache, rows, [context - 1] * batch, [1] * batch, device)
+                logits = model.compute_logits(model(ids, fb.positions, fb))
+                return logits.argmax(-1).tolist()
 
         fns["reference"] = reference
         keep.append(cache)
-    for mode in ("static", "graph", "compiled", "graph_triton", "compiled_triton"):
+    for mode in ("static", "graph", "graph_triton", "fused"):
         if mode not in modes:
             continue
         runner = ContiguousDecodeRunner(model, batch, context, use_cuda_graph=(mode != "static"),
-                                        attention_backend="triton" if mode.endswith("_triton") else "torch_native")
+                                        attention_backend="torch_native" if mode in ("static", "graph") else "triton")
         fill_random_(runner.cache.k_buffer + runner.cache.v_buffer)
-        rows = runner.cache.alloc(batch)
-        lens = [context] * batch
+        state = {"rows": runner.cache.alloc(batch), "lens": [context] * batch, "ids": ids.tolist()}
 
-        def step(runner=runner, rows=rows, lens=lens, fused=mode.startswith("compiled")) -> list[int]:
-            from hybridpar.models.fused_ops import disable_compiled_ops, enable_compiled_ops
-
-            if not fused:
-                return runner.decode(rows, lens, ids).argmax(-1).tolist()
-            enable_compiled_ops()  # only while this runner captures (and replays) its graphs
-            try:
-                return runner.decode(rows, lens, ids).argmax(-1).tolist()
-            finally:
-                disable_compiled_ops()
+        def step(runner=runner, state=state, fused=mode == "fused") -> list[int]:
+            # a decode loop: lengths grow by one and the step's own tokens come back as inputs (so steady
+            # steps copy nothing to the device), restarting every WINDOW steps below the cache's end
+            lens = [n + 1 for n in state["lens"]] if state["lens"][0] < context else [context - WINDOW + 1] * batch
+            with contextlib.nullcontext() if fused else fused_ops_disabled():
+                runner.decode(state["rows"], lens, state["ids"])
+            state["lens"], state["ids"] = lens, runner.runner.greedy_tokens()
+            return state["ids"]
 
         fns[mode] = step
         keep.append(runner)
@@ -124,7 +131,7 @@ def worker(models: list[str], batches: list[int], context: int, iters: int, mode
         wbytes, kv_tok = read_bytes(model), kv_bytes_per_token(model)
         for batch in batches:
             fns, keep = decode_step_fns(model, batch, context, modes)
-            kv = batch * context * kv_tok
+            kv = int(batch * (context - (WINDOW - 1) / 2) * kv_tok)
             roof = (wbytes + kv) / bandwidth
             row = {"model": name, "batch": batch, "context": context, "weight_bytes": wbytes, "kv_bytes": kv,
                    "roofline_s": roof}
@@ -155,13 +162,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 128])
     p.add_argument("--context", type=int, default=256, help="KV tokens per request after the step")
     p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--modes", nargs="*", default=["reference", "static", "graph", "compiled"])
+    p.add_argument("--modes", nargs="*", default=["reference", "static", "graph", "graph_triton", "fused"])
     p.add_argument("--tag", default="", help="suffix of the results name (decode<tag>)")
     args = p.parse_args(argv)
     if args.cpu:
         models = args.models or ["qwen2-tiny", "llama-tiny"]
         batches, context, iters, dtype, backend = [1, 8], min(args.context, 64), 5, "float32", "gloo"
-        modes, copy_bytes = [m for m in args.modes if m not in ("graph", "compiled")], 64 << 20
+        modes, copy_bytes = [m for m in args.modes if m in ("reference", "static")], 64 << 20
     else:
         if not torch.cuda.is_available():
             p.error("no GPU: use --cpu for the miniature")

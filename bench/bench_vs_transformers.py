@@ -14,7 +14,8 @@ each row reports the median and the spread (min, max). transformers runs in two 
   compiles the decoding forward on a GPU (its documented fastest set-up; on the CPU it stays eager).
 
 hybridpar runs ``generate(use_cuda_graph=True)`` and, at batch ``--batch`` (32), also its
-continuous-batching server (:class:`~hybridpar.radix.scheduler.TPScheduler`, CUDA graphs on).
+continuous-batching server (:class:`~hybridpar.radix.scheduler.TPScheduler`, CUDA graphs on), both
+with their GPU defaults: Triton decode attention and fused element-wise kernels.
 
     python bench/bench_vs_transformers.py
     python bench/bench_vs_transformers.py --cpu          # miniature: tiny models, fp32
@@ -48,7 +49,7 @@ HF_SIDES = {"transformers": {}, "transformers static+compile": {"cache_implement
 
 
 def worker(models: list[str], batch: int, prompt_len: int, new_tokens: int, dtype_name: str, graphs: bool,
-           compile_ops: bool = False, warmup: int = 2, runs: int = 3) -> list:
+           warmup: int = 2, runs: int = 3) -> list:
     from hybridpar.core import SamplingParams
     from hybridpar.models.generate import generate
     from hybridpar.radix.scheduler import TPScheduler
@@ -56,10 +57,6 @@ def worker(models: list[str], batch: int, prompt_len: int, new_tokens: int, dtyp
     initialize_tensor_parallel(1)
     device = current_device()
     dtype = getattr(torch, dtype_name)
-    if compile_ops:
-        from hybridpar.models.fused_ops import enable_compiled_ops
-
-        enable_compiled_ops()  # hybridpar's modules only; transformers' model is unaffected
     rows = []
     for name in models:
         tensors = random_checkpoint(name, device, dtype)
@@ -142,8 +139,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--compile", action="store_true",
-                   help="hybridpar with RMSNorm/RoPE/SwiGLU fused by torch.compile (hybridpar.models.fused_ops)")
     p.add_argument("--warmup", type=int, default=2, help="full-length warm-up calls per side (the same for every side)")
     p.add_argument("--runs", type=int, default=3, help="timed calls per side; rows report the median and min/max")
     args = p.parse_args(argv)
@@ -155,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             p.error("no GPU: use --cpu for the miniature")
         models = args.models or ["qwen2.5-0.5b-shape", "llama-7b-shape"]
         batch, prompt, new, dtype, backend = args.batch, args.prompt, args.new, "bfloat16", "nccl"
-    compile_ops = args.compile and not args.cpu
-    rows = launch(worker, 1, models, batch, prompt, new, dtype, True, compile_ops, args.warmup, args.runs,
+    rows = launch(worker, 1, models, batch, prompt, new, dtype, True, args.warmup, args.runs,
                   backend=backend, timeout=1200)[0]
     timed = [r for r in rows if "tok_s" in r]
     print(f"generate: {prompt}-token prompts, {new} new tokens, {dtype}; "
@@ -172,9 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"ERROR {r['model']} {r.get('batch')} {r['engine']}: {r['error']}")
         if "agree" in r:
             print(f"{r['model']}: greedy tokens equal to transformers' for {r['agree']:.0%} of the first 16")
-    res = {"prompt_len": prompt, "new_tokens": new, "dtype": dtype, "compiled_ops": compile_ops,
+    res = {"prompt_len": prompt, "new_tokens": new, "dtype": dtype,
            "warmup": args.warmup, "runs": args.runs, "rows": rows, "speedups": sp}
-    path = write_results("vs_transformers" + ("_compiled" if compile_ops else ""), res, bench_env("cpu" if args.cpu else None))
+    path = write_results("vs_transformers", res, bench_env("cpu" if args.cpu else None))
     print(f"wrote {path}")
     return res
 

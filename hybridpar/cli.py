@@ -48,7 +48,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug-checks", action="store_true", help="check the radix cache's invariants after every step")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (GPU)")
     p.add_argument("--attention-backend", default=None, choices=["torch_native", "triton"],
-                   help="decode attention inside CUDA graphs (default: the device's)")
+                   help="decode attention inside CUDA graphs (default: triton on a GPU, torch_native on the CPU)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="MoE models: whole experts per rank over the EP group (TP, or TP x TKNP)")
 

@@ -30,6 +30,7 @@ def fast_path_worker(tp: int, names: list[str], dtype: str = "fp32") -> dict:
             for p, sp in zip(PROMPTS, params):
                 s.add_request(p, sampling=sp)
             sched.append([r.output_ids for r in s.process_requests().values()])
+        graph_runner = s.runner.graph_runner
         out[name] = {
             "ref_tokens": [o.token_ids for o in ref],
             "min_top2_gap": min(float((lg.topk(2, -1).values[:, 0] - lg.topk(2, -1).values[:, 1]).min()) for lg in
@@ -38,6 +39,8 @@ def fast_path_worker(tp: int, names: list[str], dtype: str = "fp32") -> dict:
             "max_logit_diff": max(float((a.logits - b.logits).abs().max()) for r in runs for a, b in zip(ref, r)),
             "graph_mode": runner.use_graph,
             "captures": runner.captures,
+            "gen_steps_loads": (runner.steps, runner.loads),
+            "sched_steps_loads": (graph_runner.steps, graph_runner.loads),
             "sched_tokens": sched,
         }
     return out
@@ -56,12 +59,14 @@ def _decode_with_runner(m, prompts: list[list[int]], steps: int, graph: bool, at
     logits = m.model.compute_logits(m.model(ids, fb.positions, fb)[fb.last_token_indices()])
     lens = [len(p) for p in prompts]
     tokens, all_logits = [], []
+    nxt = logits.argmax(-1).tolist()
     for _ in range(steps):
-        nxt = logits.argmax(-1)
-        tokens.append(nxt.tolist())
+        tokens.append(nxt)
         lens = [n + 1 for n in lens]
         logits = runner.decode(rows, lens, nxt).clone()
         all_logits.append(logits.float().cpu())
+        nxt = runner.runner.greedy_tokens()  # the step's own argmax: the next step continues on the device
+        assert nxt == logits.argmax(-1).tolist()
     return tokens, torch.stack(all_logits), runner.runner.captures
 
 

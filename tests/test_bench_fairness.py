@@ -1,7 +1,6 @@
 """The comparison harness warms every side alike and reports median and spread (hybridpar.bench.time_sides)."""
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -30,26 +29,13 @@ def test_time_sides_reports_a_failing_side_and_times_the_others() -> None:
     assert out["ok"].error is None and len(out["ok"].samples) == 2
 
 
-def test_bench_vs_transformers_times_both_transformers_setups_after_equal_warmup(monkeypatch) -> None:
+def test_bench_vs_transformers_times_both_transformers_setups_after_equal_warmup(world_of_one) -> None:
     """The benchmark's own worker, on the CPU with a tiny model: every side of every batch gets the same
     number of warm-up calls and timed runs, and both transformers set-ups are among them."""
-    import torch.distributed as dist
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_vs_transformers as bvt
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        rows = bvt.worker(["qwen2-tiny"], 2, 4, 3, "float32", True, warmup=1, runs=2)
-    finally:
-        from hybridpar.distributed.parallel_state import destroy_model_parallel
-
-        destroy_model_parallel()
-        dist.destroy_process_group()
+    rows = bvt.worker(["qwen2-tiny"], 2, 4, 3, "float32", True, warmup=1, runs=2)
     timed = [r for r in rows if "engine" in r and "warmups" in r]
     assert {(r["batch"], r["engine"]) for r in timed} == {
         (1, "transformers"), (1, "transformers static+compile"), (1, "hybridpar generate"),

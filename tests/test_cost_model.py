@@ -1,4 +1,4 @@
-"""hybridpar.tknp.cost_model (pure), hybridpar.models.fused_ops' reference arithmetic, LPM's long-queue fallback."""
+"""hybridpar.tknp.cost_model (pure), LPM's long-queue fallback."""
 from __future__ import annotations
 
 import math
@@ -90,26 +90,6 @@ def test_calibration_reproduces_the_measured_point() -> None:
     assert over == pytest.approx(40e-6)
     calibrated = cm.ComponentCosts(c.gemm, c.attention, c.all_reduce, c.scatter, c.gather, {"tknp": over})
     assert cm.relative_error(cm.predict_step("tknp", LLAMA7B, step, calibrated), measured) == pytest.approx(0, abs=1e-12)
-
-
-def test_fused_ops_reference_arithmetic_equals_the_modules() -> None:
-    from hybridpar.models.config import RopeConfig
-    from hybridpar.models.decoder import RMSNorm
-    from hybridpar.models.fused_ops import rms_norm, rope, silu_mul
-    from hybridpar.models.rotary import RotaryEmbedding
-
-    gen = torch.Generator().manual_seed(3)
-    norm = RMSNorm(64, 1e-6, torch.bfloat16)
-    norm.weight.data.normal_(generator=gen)
-    x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
-    assert torch.equal(rms_norm(x, norm.weight, norm.eps), norm(x))
-    rot = RotaryEmbedding(RopeConfig(theta=10000.0), 32)
-    pos = torch.tensor([0, 3, 17, 100, 4095])
-    q, k = torch.randn(5, 4, 32, generator=gen), torch.randn(5, 2, 32, generator=gen)
-    for got, want in zip(rope(pos, rot.inv_freq, q, k), rot(pos, q, k)):
-        assert torch.equal(got, want)
-    gu = torch.randn(3, 16, generator=gen)
-    assert torch.equal(silu_mul(gu), torch.nn.functional.silu(gu[:, :8]) * gu[:, 8:])
 
 
 def test_lpm_serves_a_long_queue_first_come_first_served() -> None:

@@ -41,7 +41,7 @@ def test_static_decode_path_matches_reference_tp2() -> None:
     names = ["qwen2-tiny", "llama-tiny"]
     for tp in (2,):
         results = hybridpar.launch(fast_path_worker, tp, tp, names)
-        for rank_result in results:
+        for rank, rank_result in enumerate(results):
             for name in names:
                 r = rank_result[name]
                 assert not r["graph_mode"] and r["captures"] == 0  # CPU: eager static path
@@ -50,6 +50,12 @@ def test_static_decode_path_matches_reference_tp2() -> None:
                 assert r["fast_tokens"][0] == r["ref_tokens"] and r["fast_tokens"][1] == r["ref_tokens"]
                 assert r["max_logit_diff"] < 1e-4, (tp, name, r["max_logit_diff"])
                 assert r["sched_tokens"][0] == r["sched_tokens"][1] == r["ref_tokens"]
+                # a steady decode copies nothing to the device: one load per batch (4, 3, 2, 1 requests);
+                # generate: two calls of 11 decode steps, every rank reads its own greedy tokens
+                assert r["gen_steps_loads"] == (22, 8)
+                # the scheduler: rank 0 reads the tokens back and continues on the device; a follower,
+                # which never reads them, loads its batch every step
+                assert r["sched_steps_loads"] == (11, 4 if rank == 0 else 11), (rank, r["sched_steps_loads"])
 
 
 @pytest.mark.gpu

@@ -7,9 +7,10 @@ records the launches once and replays them with one call, so the GPU runs them b
 
 A graph replays *fixed* kernels on *fixed* addresses: every tensor it reads must live in the same
 buffer at every replay, with the same shape. :class:`DecodeGraphRunner` therefore owns static
-input buffers (token ids, sequence lengths, KV write slots, a slot table) sized for its largest
-bucket, and runs the model over a :class:`~hybridpar.models.decode_attention.StaticDecodeBackend`
-bound to slices of them. A step of ``B`` requests with at most ``n`` tokens of context runs in
+input buffers (each request's row in a slot table, its length, a live flag, its input token)
+sized for its largest bucket; the recorded step gathers its slots from the slot table, runs the
+model over a :class:`~hybridpar.models.decode_attention.StaticDecodeBackend` bound to them, takes
+the greedy tokens and advances its own inputs (no host round trip between steady steps). A step of ``B`` requests with at most ``n`` tokens of context runs in
 the bucket ``(Bb, Lb)``: ``Bb`` the smallest batch bucket ``>= B``, ``Lb`` the smallest length
 bucket ``>= n``. Padding entries (``B <= i < Bb``) decode a dummy token of length 1 whose K/V go
 to a *scratch slot* that no request owns; their logits are dropped. Each bucket is captured on
@@ -22,7 +23,7 @@ On the CPU (or with ``use_cuda_graph=False``) the runner executes the same stati
 the batched, padded decode path with no per-request Python loop, which the CPU tests compare with
 the reference backends.
 
-Two front ends fill the buffers from a cache:
+Two front ends give it a cache and its slot table:
 
 * :class:`ContiguousDecodeRunner` owns a :class:`~hybridpar.models.attention_backend.ContiguousKVCache`
   (one extra row as scratch); :func:`~hybridpar.models.generate.generate` uses it with
@@ -65,34 +66,50 @@ class DecodeGraphRunner:
     """Static decode step over flat per-layer K/V stores; graph-captured per ``(batch, length)`` bucket on CUDA.
 
     ``k_flat``/``v_flat``: per-layer ``[N, Hkv, d]`` stores (:func:`~hybridpar.models.decode_attention.flat_kv`).
-    ``scratch_slot``: a slot no request owns (padding writes there). ``use_cuda_graph``: capture and
-    replay on CUDA (ignored on the CPU, where the step always runs eagerly). ``attention_backend``:
-    ``"torch_native"`` or ``"triton"`` (:func:`~hybridpar.models.decode_attention.resolve_attention_backend`).
+    ``slot_table [R, >= max_seq_len]`` (on the device): row ``r`` holds the slots of positions
+    ``0, 1, ...`` of the request in row ``r`` (the paged pool's ``req_to_token``; for a contiguous
+    cache, ``r * S + pos``). ``scratch_slot``: a slot no request owns (padding writes there).
+    ``use_cuda_graph``: capture and replay on CUDA (ignored on the CPU, where the step runs
+    eagerly). ``attention_backend``: ``"torch_native"`` or ``"triton"``
+    (:func:`~hybridpar.models.decode_attention.resolve_attention_backend`).
+
+    **No host round trip in a steady decode.** The step itself, inside the graph, gathers its slot
+    table from ``slot_table`` by row, finds where each new K/V goes (``out_loc``), takes the greedy
+    token (``argmax``) and prepares the next step: the token becomes the next input and every
+    live length grows by one. :meth:`greedy_tokens` reads the batch's tokens back with one copy.
+    When the next :meth:`run` is that very continuation (same rows, lengths + 1, those tokens as
+    inputs) it copies nothing to the device; otherwise (a request joined or left, a token was
+    sampled on the host) one block of four rows (table row, length, live flag, input token)
+    goes over, as one host-to-device copy.
     """
 
     def __init__(self, model: torch.nn.Module, k_flat: Sequence[torch.Tensor], v_flat: Sequence[torch.Tensor],
-                 scratch_slot: int, max_batch_size: int, max_seq_len: int, use_cuda_graph: bool = True,
-                 scaling: float | None = None, attention_backend: str | None = None) -> None:
+                 slot_table: torch.Tensor, scratch_slot: int, max_batch_size: int, max_seq_len: int,
+                 use_cuda_graph: bool = True, scaling: float | None = None, attention_backend: str | None = None,
+                 pad_row: int = 0) -> None:
         self.model = model
         self.device = k_flat[0].device
         self.use_graph = use_cuda_graph and self.device.type == "cuda"
-        self.scratch_slot = int(scratch_slot)
+        self.slot_table, self.scratch_slot, self.pad_row = slot_table, int(scratch_slot), int(pad_row)
         self.batch_buckets = batch_buckets(max_batch_size)
         self.length_buckets = length_buckets(max_seq_len)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         head_dim = k_flat[0].shape[-1]
         self.backend = StaticDecodeBackend(k_flat, v_flat, scaling if scaling is not None else head_dim ** -0.5,
                                            attention_backend)
-        kw = dict(dtype=torch.int64, device=self.device)
-        self.input_ids = torch.zeros(max_batch_size, **kw)
-        self.seq_lens = torch.ones(max_batch_size, **kw)
-        self.out_loc = torch.full((max_batch_size,), self.scratch_slot, **kw)
-        # one flat store, viewed as a contiguous [Bb, Lb] per bucket (see _slots): a strided slice of a
-        # [max_batch, max_seq_len] table would send the K/V gather down PyTorch's slow strided-index path
-        self.slot_store = torch.full((max_batch_size * max_seq_len,), self.scratch_slot, **kw)
+        # the step's inputs in one block, so that loading a new batch is one copy: row in slot_table,
+        # length after the step, live (1) or padding (0), input token
+        self.meta = torch.zeros(4, max_batch_size, dtype=torch.int64, device=self.device)
+        self.rows, self.seq_lens, self.live, self.input_ids = self.meta.unbind(0)
+        self.out_loc = torch.full((max_batch_size,), self.scratch_slot, dtype=torch.int64, device=self.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (logits, greedy tokens)
         self._pool = None
+        self._last: tuple[list[int], list[int], tuple[int, int]] | None = None  # rows, lengths, bucket of the last run
+        self._tokens: list[int] | None = None  # the last run's greedy tokens, once read
+        self._on_device: tuple[list[int], list[int], list[int]] | None = None  # what meta holds for the next step
+        self.steps = 0  # runs
+        self.loads = 0  # runs that copied a batch to the device (the others continued on the device)
         self.captures = 0
         self.capture_seconds = 0.0  # wall time spent capturing (one-time cost, for benchmarks to report)
 
@@ -107,61 +124,76 @@ class DecodeGraphRunner:
         return bb, lb
 
     @torch.no_grad()
-    def run(self, input_ids: torch.Tensor, seq_lens: torch.Tensor, out_loc: torch.Tensor, slots: torch.Tensor,
-            max_len: int) -> torch.Tensor:
+    def run(self, rows: Sequence[int], seq_lens: Sequence[int], input_ids: Sequence[int]) -> torch.Tensor:
         """Logits ``[B, V]`` of one decode step (a view of a static buffer: valid until the next call).
 
-        ``input_ids``, ``seq_lens``, ``out_loc`` ``[B]``; ``slots [B, W]`` with ``W >= max_len``
-        (only the first ``Lb`` columns are read); ``max_len = max(seq_lens)``, passed by the caller,
-        who knows it without a device sync.
+        Request ``i`` lives in ``slot_table`` row ``rows[i]``, reaches ``seq_lens[i]`` tokens with
+        this step (its new K/V goes to ``slot_table[rows[i], seq_lens[i] - 1]``, which the caller
+        has filled) and feeds ``input_ids[i]``.
         """
-        b = input_ids.shape[0]
-        bb, lb = self.bucket(b, max_len)
-        w = min(slots.shape[1], lb)
-        table = self._slots(bb, lb)
-        self.input_ids[:b].copy_(input_ids)
-        self.seq_lens[:b].copy_(seq_lens)
-        self.out_loc[:b].copy_(out_loc)
-        table[:b, :w].copy_(slots[:, :w])
-        if w < lb:
-            table[:b, w:].fill_(self.scratch_slot)
-        if bb > b:  # padding entries: one dummy token of length 1 at the scratch slot
-            self.input_ids[b:bb].zero_()
-            self.seq_lens[b:bb].fill_(1)
-            self.out_loc[b:bb].fill_(self.scratch_slot)
-            table[b:].fill_(self.scratch_slot)
+        rows, seq_lens, input_ids = list(rows), list(seq_lens), [int(t) for t in input_ids]
+        key = self.bucket(len(rows), max(seq_lens))
+        if self._on_device != (rows, seq_lens, input_ids):
+            self._load(rows, seq_lens, input_ids, key[0])
+        self._last, self._tokens, self._on_device = (rows, seq_lens, key), None, None
+        self.steps += 1
         if not self.use_graph:
-            return self._forward(bb, lb)[:b]
-        key = (bb, lb)
-        if key not in self.graphs:
-            self._capture(key)
-        self.graphs[key].replay()
-        return self.outputs[key][:b]
+            self.outputs[key] = self._step(*key, advance=True)
+        else:
+            if key not in self.graphs:
+                self._capture(key)
+            self.graphs[key].replay()
+        return self.outputs[key][0][: len(rows)]
 
-    def _slots(self, bb: int, lb: int) -> torch.Tensor:
-        """The bucket's slot table: the first ``bb * lb`` entries of the store, contiguous ``[bb, lb]``."""
-        return self.slot_store[: bb * lb].view(bb, lb)
+    def greedy_tokens(self) -> list[int]:
+        """The last step's greedy tokens (computed in the step; one device-to-host copy, made once)."""
+        if self._last is None:
+            raise RuntimeError("greedy_tokens() before run()")
+        if self._tokens is None:
+            rows, seq_lens, key = self._last
+            self._tokens = self.outputs[key][1][: len(rows)].tolist()
+            self._on_device = (rows, [n + 1 for n in seq_lens], self._tokens)
+        return self._tokens
 
-    def _forward(self, bb: int, lb: int) -> torch.Tensor:
-        self.backend.bind(self._slots(bb, lb), self.seq_lens[:bb], self.out_loc[:bb])
-        positions = self.seq_lens[:bb] - 1
+    def _load(self, rows: list[int], seq_lens: list[int], input_ids: list[int], bb: int) -> None:
+        """Copy a batch (padded to ``bb`` with dummy requests of length 1) into ``meta``: one copy."""
+        pad = bb - len(rows)
+        block = torch.tensor([rows + [self.pad_row] * pad, seq_lens + [1] * pad, [1] * len(rows) + [0] * pad,
+                              input_ids + [0] * pad], dtype=torch.int64)
+        if self.device.type == "cuda":  # pinned: the copy is queued, the host does not wait
+            block = block.pin_memory()
+        self.meta[:, :bb].copy_(block, non_blocking=True)
+        self.loads += 1
+
+    def _step(self, bb: int, lb: int, advance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorded step: slot table, ``out_loc``, forward, greedy tokens and (``advance``) the next inputs."""
+        seq_lens, live = self.seq_lens[:bb], self.live[:bb]
+        table = self.slot_table[self.rows[:bb], :lb].to(torch.int64)
+        table = torch.where(live[:, None] > 0, table, self.scratch_slot)  # padding reads and writes scratch only
+        self.out_loc[:bb].copy_(table.gather(1, (seq_lens - 1)[:, None]).squeeze(1))
+        self.backend.bind(table, seq_lens, self.out_loc[:bb])
+        positions = seq_lens - 1
         fb = ForwardBatch(ForwardMode.DECODE, [], [], [], positions, self.backend)
-        hidden = self.model(self.input_ids[:bb], positions, fb)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(self.model(self.input_ids[:bb], positions, fb))
+        tokens = logits.argmax(dim=-1)
+        if advance:  # the next step's inputs, without the host: its token, one more position
+            self.input_ids[:bb].copy_(tokens)
+            seq_lens.add_(live)
+        return logits, tokens
 
     def _capture(self, key: tuple[int, int]) -> None:
-        """Warm up (cuBLAS handles, NCCL communicators) on a side stream, then record the step."""
+        """Warm up (cuBLAS handles, NCCL communicators, Triton kernels) on a side stream, then record the step."""
         start = time.perf_counter()
         torch.cuda.synchronize(self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # the warm-up recomputes this very step: its K/V writes are idempotent
-                self._forward(*key)
+                self._step(*key, advance=False)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self.outputs[key] = self._forward(*key)
+            self.outputs[key] = self._step(*key, advance=True)
         self._pool = graph.pool()
         self.graphs[key] = graph
         self.captures += 1
@@ -181,50 +213,34 @@ class ContiguousDecodeRunner:
         self.cache: ContiguousKVCache = model.make_kv_cache(max_batch_size + 1, max_seq_len)
         self.scratch_row = self.cache.alloc(1)[0]
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.runner = DecodeGraphRunner(model, flat_kv(self.cache.k_buffer), flat_kv(self.cache.v_buffer),
+        device = self.cache.k_buffer[0].device
+        positions = torch.arange(max_seq_len, device=device)
+        slot_table = torch.arange(max_batch_size + 1, device=device)[:, None] * max_seq_len + positions[None, :]
+        self.runner = DecodeGraphRunner(model, flat_kv(self.cache.k_buffer), flat_kv(self.cache.v_buffer), slot_table,
                                         self.scratch_row * max_seq_len, max_batch_size, max_seq_len,
-                                        use_cuda_graph, self.cache.scaling, attention_backend)
-        self._positions = torch.arange(max_seq_len, device=self.runner.device)
+                                        use_cuda_graph, self.cache.scaling, attention_backend, pad_row=self.scratch_row)
 
     def fits(self, batch_size: int, seq_len: int) -> bool:
         return batch_size <= self.max_batch_size and seq_len <= self.max_seq_len
 
-    def decode(self, rows: Sequence[int], seq_lens: Sequence[int], input_ids: torch.Tensor) -> torch.Tensor:
+    def decode(self, rows: Sequence[int], seq_lens: Sequence[int], input_ids: Sequence[int]) -> torch.Tensor:
         """Logits ``[B, V]`` of one decode step: request ``i`` in cache row ``rows[i]`` reaches ``seq_lens[i]``."""
-        device = self.runner.device
-        max_len = max(seq_lens)
-        _, lb = self.runner.bucket(len(rows), max_len)
-        rows_t = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-        lens_t = torch.tensor(seq_lens, dtype=torch.int64).to(device, non_blocking=True)
-        base = rows_t * self.max_seq_len
-        slots = base[:, None] + self._positions[None, :lb]
-        return self.runner.run(input_ids, lens_t, base + lens_t - 1, slots, max_len)
+        return self.runner.run(rows, seq_lens, input_ids)
 
 
-class PagedDecodeRunner:
-    """Graph runner over RadixAttention's paged pool: slots come from ``req_to_token`` rows.
+class PagedDecodeRunner(DecodeGraphRunner):
+    """Graph runner over RadixAttention's paged pool: the slot table is the pool's ``req_to_token``.
 
-    ``kv_pool``: :class:`~hybridpar.radix.mem_pool.MHATokenToKVPool`; ``req_to_token``: the
-    ``[rows, max_context_len]`` table of a :class:`~hybridpar.radix.mem_pool.ReqToTokenPool`.
-    Slot 0 (reserved page 0, never allocated) is the scratch slot.
+    ``kv_pool``: :class:`~hybridpar.radix.mem_pool.MHATokenToKVPool`; ``req_to_token``: the device
+    ``[rows, max_context_len]`` table of a :class:`~hybridpar.radix.mem_pool.ReqToTokenPool`, where the
+    scheduler has written each request's new slot before the step. Slot 0 (reserved page 0, never
+    allocated) is the scratch slot.
     """
 
     def __init__(self, model: torch.nn.Module, kv_pool: object, req_to_token: torch.Tensor, max_batch_size: int,
                  use_cuda_graph: bool = True, scaling: float | None = None, attention_backend: str | None = None) -> None:
-        self.req_to_token = req_to_token
-        self.runner = DecodeGraphRunner(model, kv_pool.k_buffer, kv_pool.v_buffer, 0, max_batch_size,
-                                        req_to_token.shape[1], use_cuda_graph, scaling, attention_backend)
-
-    def decode(self, req_pool_indices: Sequence[int], seq_lens: Sequence[int], out_cache_loc: torch.Tensor,
-               input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, V]``; ``out_cache_loc [B]`` are the new tokens' slots (already in ``req_to_token``)."""
-        device = self.runner.device
-        max_len = max(seq_lens)
-        _, lb = self.runner.bucket(len(seq_lens), max_len)
-        rows = torch.tensor(req_pool_indices, dtype=torch.int64).to(self.req_to_token.device, non_blocking=True)
-        slots = self.req_to_token[rows, :lb].to(device, torch.int64)
-        lens_t = torch.tensor(seq_lens, dtype=torch.int64).to(device, non_blocking=True)
-        return self.runner.run(input_ids, lens_t, out_cache_loc.to(device, torch.int64), slots, max_len)
+        super().__init__(model, kv_pool.k_buffer, kv_pool.v_buffer, req_to_token, 0, max_batch_size,
+                         req_to_token.shape[1], use_cuda_graph, scaling, attention_backend)
 
 
 def contiguous_runner_for(model: torch.nn.Module, batch_size: int, seq_len: int,

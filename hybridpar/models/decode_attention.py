@@ -34,7 +34,8 @@ extra traffic.
 Attention backends (SGLang's names, ``--attention-backend``): ``"torch_native"`` is the gather +
 SDPA path above, the reference and the CPU path; ``"triton"`` is a split-KV paged-decode kernel
 that reads every slot in place (:mod:`hybridpar.models.triton_decode`), on CUDA only.
-:func:`resolve_attention_backend` turns ``None`` into the default for the device.
+:func:`resolve_attention_backend` turns ``None`` into the default for the device: Triton on a GPU
+(where Triton imports), torch_native on the CPU.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridpar.models.attention_backend import AttentionBackend, ForwardBatch, ForwardMode
+from hybridpar.models.fused_ops import triton_available
 
 ATTENTION_BACKENDS = ("torch_native", "triton")
 
@@ -53,7 +55,7 @@ def resolve_attention_backend(name: str | None, device: torch.device | str) -> s
     """The decode attention backend to use: ``name``, or the device's default when ``None``."""
     device = torch.device(device)
     if name is None:
-        return "torch_native"
+        return "triton" if device.type == "cuda" and triton_available() else "torch_native"
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
     if name == "triton" and device.type != "cuda":

@@ -38,6 +38,7 @@ from hybridpar.layers.linear import MergedColumnParallelLinear, QKVParallelLinea
 from hybridpar.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from hybridpar.models.attention_backend import ContiguousKVCache, ForwardBatch
 from hybridpar.models.config import ModelConfig, check_tp_size
+from hybridpar.models.fused_ops import use_fused
 from hybridpar.models.loader import LoadedWeight, default_weight_loader
 from hybridpar.models.moe import SparseMoeBlock, expert_param_name
 from hybridpar.models.rotary import RotaryEmbedding
@@ -56,7 +57,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
         self.weight.weight_loader = default_weight_loader
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x)``; with ``residual``, ``(norm(x + residual), x + residual)``: the residual add
+        happens here, so that a GPU does it in the norm's kernel (:mod:`hybridpar.models.fused_ops`)."""
+        if use_fused(x):
+            from hybridpar.models.triton_ops import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self._norm(x)
+        x = x + residual  # in the activation dtype, as transformers adds
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -107,7 +121,12 @@ class MLP(nn.Module):
                                            tp_group=tp_group, reduce_results=reduce_results)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if use_fused(gate_up):
+            from hybridpar.models.triton_ops import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -132,9 +151,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = make_mlp(config, layer_id, tp_group, dtype, ep_group)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), forward_batch)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+                forward_batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp output, residual stream)``: the next norm adds the two (``residual`` is ``None``
+        before the first layer, whose input is the residual stream itself)."""
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, h, forward_batch)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -148,10 +175,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h = layer(positions, h, forward_batch)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual, forward_batch)
+        return self.norm(h, residual)[0]
 
 
 # checkpoint name fragment -> (fused parameter fragment, shard id)

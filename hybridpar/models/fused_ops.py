@@ -1,84 +1,65 @@
-"""Optional ``torch.compile`` fusion of the decoder's small element-wise ops (RMSNorm, RoPE, SwiGLU).
+"""When the decoder's small operations run as fused Triton kernels, and when as plain PyTorch.
 
-A CUDA graph removes the CPU from a decode step, but not the kernels: written as plain PyTorch,
-each RMSNorm is eight kernels (cast, square, mean, add, rsqrt, multiply, cast, scale), RoPE about
-seventeen (positions to angles, cos, sin, casts, rotate-half for Q and K), SwiGLU two. At batch 1
-these kernels move almost no data, yet each costs a launch slot of a couple of microseconds
-inside the graph: about sixty per layer, some 2,000 per step of a 32-layer model, milliseconds
-next to a roofline of a few.
+Each of :class:`~hybridpar.models.decoder.RMSNorm`, :class:`~hybridpar.models.decoder.MLP`'s
+activation and :class:`~hybridpar.models.rotary.RotaryEmbedding` has two implementations, as
+vLLM's custom ops do: the PyTorch code in the module (the reference, and the only path on the
+CPU) and one kernel of :mod:`hybridpar.models.triton_ops`. The kernel runs when
 
-:func:`enable_compiled_ops` swaps the ``forward`` of :class:`~hybridpar.models.decoder.RMSNorm`,
-:class:`~hybridpar.models.rotary.RotaryEmbedding` and :class:`~hybridpar.models.decoder.MLP`
-(class-wide, for every model in the process) for versions that call one ``torch.compile``-d
-function each, with dynamic shapes (one compilation serves every layer, batch and length).
-Inductor fuses each into one or two kernels. GEMMs, attention and collectives are untouched, so
-this works under tensor parallelism and inside the graph runner's capture.
+* the tensor is on a CUDA device and Triton imports,
+* fused ops are enabled: by default; ``HYBRIDPAR_FUSED_OPS=0`` or :func:`fused_ops_disabled`
+  (a context manager, for A/B benchmarks and tests) turn them off,
+* the kernel takes the shape (RoPE needs a power-of-two head size).
 
-The functions below are the *same arithmetic* as the modules' own ``forward`` (checked by the
-tests); compiled, the fused kernels may round differently in the last bit (fused multiply-adds,
-reduction order). :func:`disable_compiled_ops` restores the originals.
+The switch is read when a module runs, so a CUDA graph records whichever path was on while it
+was captured. :func:`force_fused_ops` makes the kernels run on CPU tensors too, which only works
+under Triton's interpreter (``TRITON_INTERPRET=1``): the CPU tests use it to compare the kernels
+with the PyTorch path.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
 import torch
-import torch.nn.functional as F
 
-from hybridpar.models.decoder import MLP, RMSNorm
-from hybridpar.models.rotary import RotaryEmbedding, rotate_half
+_state = {"enabled": os.environ.get("HYBRIDPAR_FUSED_OPS", "1") != "0", "force": False}
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """:class:`~hybridpar.models.decoder.RMSNorm`'s arithmetic: float32 statistics, scale in the input dtype."""
-    dtype = x.dtype
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def rope(positions: torch.Tensor, inv_freq: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:class:`~hybridpar.models.rotary.RotaryEmbedding`'s arithmetic: angles in float32, rotation in q's dtype."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-    cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+def use_fused(x: torch.Tensor) -> bool:
+    """Whether the module holding ``x`` should call its Triton kernel."""
+    if not _state["enabled"]:
+        return False
+    return (_state["force"] or x.is_cuda) and triton_available()
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's activation on the fused gate/up output: ``silu(gate) * up``."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+@contextlib.contextmanager
+def fused_ops_disabled() -> Iterator[None]:
+    """Run the PyTorch reference path inside the block (graphs captured here keep it)."""
+    saved = _state["enabled"]
+    _state["enabled"] = False
+    try:
+        yield
+    finally:
+        _state["enabled"] = saved
 
 
-_ORIGINAL = {"rms": RMSNorm.forward, "rope": RotaryEmbedding.forward, "mlp": MLP.forward}
-_compiled: dict[str, object] = {}
-
-
-def compiled_ops_enabled() -> bool:
-    return RMSNorm.forward is not _ORIGINAL["rms"]
-
-
-def enable_compiled_ops() -> None:
-    """Route RMSNorm, RoPE and SwiGLU of every decoder through ``torch.compile`` (idempotent)."""
-    if compiled_ops_enabled():
-        return
-    if not _compiled:
-        _compiled.update(rms=torch.compile(rms_norm, dynamic=True), rope=torch.compile(rope, dynamic=True),
-                         act=torch.compile(silu_mul, dynamic=True))
-    rms, rot, act = _compiled["rms"], _compiled["rope"], _compiled["act"]
-
-    def rms_forward(self: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-        return rms(x, self.weight, self.eps)
-
-    def rope_forward(self: RotaryEmbedding, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return rot(positions, self.inv_freq, q, k)
-
-    def mlp_forward(self: MLP, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act(self.gate_up_proj(x)))
-
-    RMSNorm.forward, RotaryEmbedding.forward, MLP.forward = rms_forward, rope_forward, mlp_forward
-
-
-def disable_compiled_ops() -> None:
-    """Restore the modules' plain PyTorch ``forward``."""
-    RMSNorm.forward, RotaryEmbedding.forward, MLP.forward = _ORIGINAL["rms"], _ORIGINAL["rope"], _ORIGINAL["mlp"]
+@contextlib.contextmanager
+def force_fused_ops() -> Iterator[None]:
+    """Run the kernels on any device inside the block (the CPU needs ``TRITON_INTERPRET=1``)."""
+    saved = dict(_state)
+    _state.update(enabled=True, force=True)
+    try:
+        yield
+    finally:
+        _state.update(saved)

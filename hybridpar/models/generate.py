@@ -91,14 +91,18 @@ def generate(model: DecoderForCausalLM, prompts: Sequence[Sequence[int]],
     rows = cache.alloc(len(prompts))
     active = list(range(len(prompts)))
     fb = ForwardBatch.build(cache, rows, [0] * len(prompts), [len(p) for p in prompts], device)
-    input_ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
+    input_ids = [t for p in prompts for t in p]
     while active:
+        step_params = [params[i] for i in active]
         if fb.forward_mode == ForwardMode.DECODE and runner is not None:
             logits = runner.decode(fb.req_pool_indices, fb.seq_lens, input_ids)
+            greedy = all(p.greedy for p in step_params)  # the step took the argmax itself
+            tokens = runner.runner.greedy_tokens() if greedy else sample(logits, step_params, [gens[i] for i in active])
         else:
-            hidden = model(input_ids, fb.positions, fb)
+            hidden = model(torch.tensor(input_ids, dtype=torch.long, device=device), fb.positions, fb)
             logits = model.compute_logits(hidden[fb.last_token_indices()])
-        tokens = _agree(sample(logits, [params[i] for i in active], [gens[i] for i in active]), model)
+            tokens = sample(logits, step_params, [gens[i] for i in active])
+        tokens = _agree(tokens, model)
         still = []
         for j, (i, tok) in enumerate(zip(active, tokens)):
             out = outs[i]
@@ -113,7 +117,7 @@ def generate(model: DecoderForCausalLM, prompts: Sequence[Sequence[int]],
         if active:
             prefix = [len(outs[i].prompt_ids) + len(outs[i].token_ids) - 1 for i in active]
             fb = ForwardBatch.build(cache, [rows[i] for i in active], prefix, [1] * len(active), device)
-            input_ids = torch.tensor([outs[i].token_ids[-1] for i in active], dtype=torch.long, device=device)
+            input_ids = [outs[i].token_ids[-1] for i in active]
     cache.free(rows)
     if return_logits:
         for out in outs:

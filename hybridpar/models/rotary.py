@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hybridpar.models.config import RopeConfig
+from hybridpar.models.fused_ops import use_fused
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -68,6 +69,11 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if use_fused(q):
+            from hybridpar.models.triton_ops import rotary, rotary_supported
+
+            if rotary_supported(q, k):
+                return rotary(positions, self.inv_freq, q, k)
         cos, sin = self.cos_sin(positions, q.dtype)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from hybridpar.core import StepPlan
+from hybridpar.core import SamplingParams, StepPlan
 from hybridpar.models.attention_backend import AttentionBackend, ForwardBatch
+from hybridpar.models.sampling import sample
 from hybridpar.radix.mem_pool import MHATokenToKVPool, ReqToTokenPool
 
 
@@ -36,13 +37,15 @@ class ModelRunner:
         self.req_to_token_pool, self.kv_pool = req_to_token_pool, kv_pool
         self.max_running_requests, self.use_cuda_graph = max_running_requests, use_cuda_graph
         self.graph_runner: Any = None  # PagedDecodeRunner, built at the first decode step
+        self._graph_step = False  # whether the last execute replayed the decode graph
 
     @torch.no_grad()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """The plan's forward on this rank; the logits of ``plan.sample_rows`` (``None`` if there are none)."""
+        self._graph_step = plan.kind == "decode" and self.use_cuda_graph
+        if self._graph_step:
+            return self._graph_decode(plan)
         loc = torch.tensor(plan.out_cache_loc, dtype=torch.int64, device=self.device)
-        if plan.kind == "decode" and self.use_cuda_graph:
-            return self._graph_decode(plan, loc)
         fb = ForwardBatch.build(self.backend, plan.req_pool_indices, plan.prefix_lens, plan.extend_lens, self.device,
                                 out_cache_loc=loc)
         return self.forward(plan, fb)
@@ -56,14 +59,22 @@ class ModelRunner:
         rows = fb.last_token_indices()[torch.tensor(plan.sample_rows, device=self.device)]
         return self.model.compute_logits(hidden[rows])
 
-    def _graph_decode(self, plan: StepPlan, loc: torch.Tensor) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor | None, params: list[SamplingParams],
+               generators: list[torch.Generator]) -> list[int]:
+        """The next token of each sampled row (rank 0). After a graph-replayed decode step of greedy
+        requests, the step's own argmax, read back in one copy; otherwise :func:`~hybridpar.models.sampling.sample`."""
+        if self._graph_step and all(p.greedy for p in params):
+            return self.graph_runner.greedy_tokens()
+        return sample(logits, params, generators) if params else []
+
+    def _graph_decode(self, plan: StepPlan) -> torch.Tensor:
         if self.graph_runner is None:
             from hybridpar.models.cuda_graph import PagedDecodeRunner
 
             self.graph_runner = PagedDecodeRunner(self.model, self.kv_pool, self.req_to_token_pool.req_to_token,
                                                   self.max_running_requests, scaling=self.backend.scaling,
                                                   attention_backend=self.attention_backend)
-        self.backend.filled[loc] = True
-        input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
         seq_lens = [p + 1 for p in plan.prefix_lens]
-        return self.graph_runner.decode(plan.req_pool_indices, seq_lens, loc, input_ids)
+        logits = self.graph_runner.run(plan.req_pool_indices, seq_lens, plan.input_ids)
+        self.backend.filled[self.graph_runner.out_loc[: len(seq_lens)]] = True  # the step found the slots itself
+        return logits

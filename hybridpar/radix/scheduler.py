@@ -40,7 +40,6 @@ import torch
 
 from hybridpar.core import (RequestResult, RequestTooLargeError, SamplingParams, SchedulerLoad, SchedulerMetrics,
                             ServeReq, StepPlan, StepRecord)
-from hybridpar.models.sampling import sample
 from hybridpar.radix.allocation import alloc_for_decode
 from hybridpar.radix.mem_pool import MHATokenToKVPool, pool_tokens
 from hybridpar.radix.model_runner import ModelRunner
@@ -358,7 +357,7 @@ class TPScheduler:
     def _process_batch_result(self, plan: StepPlan, logits: torch.Tensor | None,
                               results: dict[int, RequestResult]) -> None:
         sampled = [self._batch[i] for i in plan.sample_rows]
-        tokens = sample(logits, [r.sampling for r in sampled], [r.generator for r in sampled]) if sampled else []
+        tokens = self.runner.sample(logits, [r.sampling for r in sampled], [r.generator for r in sampled])
         now = time.perf_counter()
         for req, tok in zip(sampled, tokens):
             req.output_ids.append(tok)
