@@ -88,7 +88,7 @@ def serve(handle: ModelHandle, workload: SharedPrefixWorkload, shuffle: bool, **
     with TreeTimer() as timer:
         results = sched.process_requests()
     m = sched.metrics
-    capture = sched.runner.graph_runner.runner.capture_seconds if sched.runner.graph_runner is not None else 0.0
+    capture = sched.runner.graph_runner.capture_seconds if sched.runner.graph_runner is not None else 0.0
     wall = m.wall_s - capture
     ttft = sorted(r.ttft_s for r in results.values())
     page = sched.args.page_size

@@ -73,7 +73,7 @@ def worker(models: list[str], dtype_name: str, reqs_spec: tuple[int, int, int], 
                 sched.add_request(prompt, sampling=SamplingParams(max_new_tokens=n, ignore_eos=True))
             sched.process_requests()
             graph = sched.runner.graph_runner
-            capture = graph.runner.capture_seconds if graph is not None else 0.0
+            capture = graph.capture_seconds if graph is not None else 0.0
             walls.append(sched.metrics.wall_s - capture)  # a scheduler captures its own graphs: not serving time
         m, wall = sched.metrics, median(walls[1:])
         params = sum(p.numel() for p in model.parameters())

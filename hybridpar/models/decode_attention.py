@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridpar.models.attention_backend import AttentionBackend, ForwardBatch, ForwardMode
-from hybridpar.models.fused_ops import triton_available
+from hybridpar.models.fused_ops import triton_available, use_fused
 
 ATTENTION_BACKENDS = ("torch_native", "triton")
 
@@ -138,8 +138,13 @@ class StaticDecodeBackend(AttentionBackend):
         if self.slots is None:
             raise RuntimeError("StaticDecodeBackend.forward before bind(slots, seq_lens, out_loc)")
         k_store, v_store = self.k_flat[layer_id], self.v_flat[layer_id]
-        k_store.index_copy_(0, self.out_loc, k.to(k_store.dtype))
-        v_store.index_copy_(0, self.out_loc, v.to(v_store.dtype))
+        if use_fused(k) and k.dtype == k_store.dtype and k.stride(1) == v.stride(1) == k.shape[2]:
+            from hybridpar.models.triton_ops import store_kv
+
+            store_kv(k_store, v_store, self.out_loc, k, v)  # both writes in one kernel
+        else:
+            k_store.index_copy_(0, self.out_loc, k.to(k_store.dtype))
+            v_store.index_copy_(0, self.out_loc, v.to(v_store.dtype))
         if self.attention_backend == "triton":
             from hybridpar.models.triton_decode import decode_attention_fwd
 

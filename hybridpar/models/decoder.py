@@ -93,7 +93,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
         self.qk_norm = config.qk_norm
-        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)
+        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]

@@ -12,6 +12,7 @@ to the activation dtype, the rotation done in the activation dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,12 +54,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class RotaryEmbedding(nn.Module):
-    """``forward(positions [T], q [T, Hq, d], k [T, Hk, d]) -> (q, k)`` rotated by their positions."""
+@functools.lru_cache(maxsize=16)
+def cos_sin_table(rope: RopeConfig, head_dim: int, max_positions: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """``[max_positions, head_dim]``: row ``p`` is ``cos`` then ``sin`` of position ``p``'s ``head_dim / 2``
+    angles in ``dtype``, the values :meth:`RotaryEmbedding.cos_sin` computes. One table per model
+    (every layer shares it), for the fused RoPE kernel to look up."""
+    positions = torch.arange(max_positions, device=device)
+    freqs = positions.to(torch.float32)[:, None] * inverse_frequencies(rope, head_dim).to(device)[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
 
-    def __init__(self, rope: RopeConfig, head_dim: int) -> None:
+
+class RotaryEmbedding(nn.Module):
+    """``forward(positions [T], q [T, Hq, d], k [T, Hk, d]) -> (q, k)`` rotated by their positions.
+
+    ``max_positions``: the positions the fused kernel's table covers (the model's context).
+    """
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int = 32768) -> None:
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim, self.max_positions = head_dim, max_positions
         self.rope = rope
         self.register_buffer("inv_freq", inverse_frequencies(rope, head_dim), persistent=False)
 
@@ -72,8 +87,9 @@ class RotaryEmbedding(nn.Module):
         if use_fused(q):
             from hybridpar.models.triton_ops import rotary, rotary_supported
 
-            if rotary_supported(q, k):
-                return rotary(positions, self.inv_freq, q, k)
+            if rotary_supported(q, k):  # the table is built at the first (eager) call, before any graph capture
+                table = cos_sin_table(self.rope, self.head_dim, self.max_positions, q.dtype, q.device)
+                return rotary(positions, table, q, k)
         cos, sin = self.cos_sin(positions, q.dtype)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 

@@ -15,8 +15,11 @@ order. In float32 they are the same arithmetic (the CPU tests run them in Triton
   ``fused_add_rms_norm``), or ``weight * norm(x)`` without a residual; rows of a 2-D or a
   ``[T, H, d]`` (per-head, Qwen3's q/k norm) tensor, strided views allowed.
 * :func:`silu_and_mul`: ``silu(gate) * up`` of the fused gate/up output.
-* :func:`rotary`: Q and K rotated by their positions (angles from ``inv_freq`` on the fly, no
-  table to size), written to new contiguous tensors, so attention kernels get dense queries.
+* :func:`store_kv`: a decode step's new K and V written to their slots of the pool, one kernel.
+* :func:`rotary`: Q and K rotated by their positions, written to new contiguous tensors (so
+  attention kernels get dense queries). ``cos``/``sin`` come from a table that PyTorch computed
+  once per model (:func:`~hybridpar.models.rotary.cos_sin_table`), so they are PyTorch's own values:
+  a GPU's fast ``cos`` drifts at the large angles of long positions.
 
 Import needs Triton; :mod:`hybridpar.models.fused_ops` decides when these run.
 """
@@ -118,13 +121,12 @@ def _rotate_heads(X, XO, t, stride_t, stride_h, num_heads, cos, sin, HALF: tl.co
 
 
 @triton.jit
-def _rotary_kernel(Pos, InvFreq, Q, K, QO, KO, stride_qt, stride_qh, stride_kt, stride_kh, num_q_heads, num_k_heads,
+def _rotary_kernel(Pos, CosSin, Q, K, QO, KO, stride_qt, stride_qh, stride_kt, stride_kh, num_q_heads, num_k_heads,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0)
-    dtype = QO.dtype.element_ty
-    angle = tl.load(Pos + t).to(tl.float32) * tl.load(InvFreq + tl.arange(0, HALF))
-    cos = tl.cos(angle).to(dtype).to(tl.float32)[None, :]  # PyTorch casts cos/sin to the dtype
-    sin = tl.sin(angle).to(dtype).to(tl.float32)[None, :]
+    row = CosSin + tl.load(Pos + t).to(tl.int64) * (2 * HALF) + tl.arange(0, HALF)
+    cos = tl.load(row).to(tl.float32)[None, :]
+    sin = tl.load(row + HALF).to(tl.float32)[None, :]
     _rotate_heads(Q, QO, t, stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_H)
     _rotate_heads(K, KO, t, stride_kt, stride_kh, num_k_heads, cos, sin, HALF, BLOCK_H)
 
@@ -135,16 +137,37 @@ def rotary_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.stride(-1) == 1 and k.stride(-1) == 1 and d >= 2 and not d & (d - 1)
 
 
-def rotary(positions: torch.Tensor, inv_freq: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+def rotary(positions: torch.Tensor, cos_sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE ("rotate half" layout) of ``q [T, Hq, d]`` and ``k [T, Hk, d]`` (strided views allowed);
-    new contiguous tensors. ``inv_freq [d/2]`` float32, angles ``positions * inv_freq`` in float32."""
+    new contiguous tensors. ``cos_sin [max_positions, d]``: row ``p`` holds ``cos`` then ``sin`` of
+    position ``p``'s ``d/2`` angles, in q's dtype (:func:`~hybridpar.models.rotary.cos_sin_table`)."""
     t, hq, d = q.shape
     hk = k.shape[1]
     if not rotary_supported(q, k):
         raise ValueError(f"rotary needs a power-of-two head_dim >= 2 and a contiguous last dimension; got {d}")
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    _rotary_kernel[(t,)](positions, inv_freq.to(device=q.device, dtype=torch.float32), q, k, q_out, k_out,
-                         q.stride(0), q.stride(1), k.stride(0), k.stride(1), hq, hk,
-                         HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(hq, hk)), num_warps=4)
+    _rotary_kernel[(t,)](positions, cos_sin, q, k, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                         hq, hk, HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(hq, hk)), num_warps=4)
     return q_out, k_out
+
+
+@triton.jit
+def _store_kv_kernel(K, V, KStore, VStore, Loc, stride_kt, stride_vt, stride_ks, stride_vs,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(Loc + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < ROW
+    tl.store(KStore + slot * stride_ks + offs, tl.load(K + t * stride_kt + offs, mask=mask), mask=mask)
+    tl.store(VStore + slot * stride_vs + offs, tl.load(V + t * stride_vt + offs, mask=mask), mask=mask)
+
+
+def store_kv(k_store: torch.Tensor, v_store: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """``k_store[loc[t]] = k[t]`` and ``v_store[loc[t]] = v[t]`` in one kernel (``[N, Hkv, d]`` stores,
+    ``k``/``v`` ``[T, Hkv, d]`` with contiguous heads, the stores' dtype)."""
+    row = k.shape[1] * k.shape[2]
+    if not (k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2] and k.stride(2) == v.stride(2) == 1):
+        raise ValueError("store_kv needs each token's heads contiguous")
+    _store_kv_kernel[(k.shape[0],)](k, v, k_store, v_store, loc, k.stride(0), v.stride(0), k_store.stride(0),
+                                    v_store.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)
