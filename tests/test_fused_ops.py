@@ -71,8 +71,14 @@ def test_rotary_on_qkv_views(dtype: torch.dtype) -> None:
     pos = torch.tensor([0, 1, 7, 100, 2047, 4095], device=DEVICE)
     (qf, kf), (qr, kr) = both(lambda: rot(pos, q, k))
     assert qf.is_contiguous() and kf.is_contiguous()
-    # cos/sin are PyTorch's own (the table), and every product rounds where PyTorch's does
-    assert torch.equal(qf, qr) and torch.equal(kf, kr)
+    # cos/sin are PyTorch's own (the table) and every product rounds where PyTorch's does; a GPU
+    # compiler may still fuse a multiply into the add (one rounding less), which shows where the two
+    # products nearly cancel: allow one unit in the last place of the head's largest input
+    for got, want, x in ((qf, qr, q), (kf, kr, k)):
+        scale = x.float().abs().amax(-1, keepdim=True) * torch.finfo(dtype).eps
+        assert ((got.float() - want.float()).abs() <= scale).all()
+    if DEVICE == "cpu":  # the interpreter does not fuse: bitwise equal
+        assert torch.equal(qf, qr) and torch.equal(kf, kr)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

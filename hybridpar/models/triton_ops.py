@@ -7,9 +7,10 @@ slot of a microsecond or two: some sixty per layer, thousands per step. Here eac
 
 The kernels reproduce the modules' *rounding*, not only their formula: every place where the
 PyTorch code rounds to the activation dtype (the residual sum, the normalised activations, the
-SiLU output, ``cos``/``sin`` and each product of the rotation) rounds here too, so in bfloat16 the
-results equal the PyTorch path's except where a reduction (the mean of squares) sums in another
-order. In float32 they are the same arithmetic (the CPU tests run them in Triton's interpreter).
+SiLU output, ``cos``/``sin`` and each product of the rotation) rounds here too. Results equal the
+PyTorch path's up to one unit in the last place: a reduction (the mean of squares) may sum in
+another order, and the GPU compiler may fuse a multiply into an add. In Triton's interpreter,
+where the CPU tests run them in float32, they are bitwise equal.
 
 * :func:`rms_norm`: ``(weight * norm(x + residual), x + residual)`` in one pass (vLLM's
   ``fused_add_rms_norm``), or ``weight * norm(x)`` without a residual; rows of a 2-D or a
