@@ -8,7 +8,9 @@
    continuation in one forward pass: the reference logits.
 2. ``tp`` ranks load the checkpoint sharded and (a) recompute those logits the way serving does
    (ragged prefill of all prompts, then one batched decode step per continuation token, fed the
-   reference tokens), (b) generate greedily, all prompts in one batch.
+   reference tokens), (b) generate greedily, all prompts in one batch, through the fast decode path
+   (:mod:`hybridpar.models.cuda_graph`: on a GPU CUDA graphs, Triton decode attention and the fused
+   element-wise kernels of :mod:`hybridpar.models.fused_ops`, which (a) also uses).
 3. Compare. fp32: max |logit difference| <= 1e-4 over prefill and every decode step, and all greedy
    tokens identical (eager attention reference). bf16/fp16 (reference in the same dtype, SDPA
    attention, see :func:`_load_hf`): relative logit error
@@ -118,7 +120,9 @@ def model_checks(path: str, prompts: list[list[int]], continuations: list[list[i
 
     wrapper = TPRadixAttentionModelWrapper(path, dtype=dtype, load_format=load_format)
     logits = teacher_forced_logits(wrapper.model, prompts, continuations)
-    outs = generate(wrapper.model, prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+    # greedy tokens through the serving decode path (on a GPU: CUDA graphs, Triton attention, fused kernels)
+    outs = generate(wrapper.model, prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+                    use_cuda_graph=True)
     result: dict[str, Any] = {"load_stats": wrapper.load_stats.to_dict()}
     if wrapper.tp_group.is_first_rank:
         result.update(logits=logits, tokens=[o.token_ids for o in outs])

@@ -77,9 +77,11 @@ def decode_rows(*records: dict[str, Any]) -> list[dict[str, Any]]:
 def decode_roofline(row: dict[str, Any], bandwidth: float) -> dict[str, Any]:
     """``row`` with its roofline step recomputed from the bytes a decode step reads.
 
-    The results files recorded every parameter byte as read; an untied input embedding is only
-    looked up, one row per token (:func:`hybridpar.roofline.unread_embedding_params`), so its
-    bytes come off ``weight_bytes`` here, and every ``*_roofline_frac`` follows.
+    The results files before December 2026 recorded every parameter byte as read; an untied input
+    embedding is only looked up, one row per token (:func:`hybridpar.roofline.unread_embedding_params`),
+    so its bytes come off ``weight_bytes`` here, and every ``*_roofline_frac`` follows. Later files
+    record only the bytes read (``bench_decode.read_bytes``: not a whole number of bytes per
+    parameter) and are returned as they are.
     """
     from hybridpar.roofline import MODEL_PRESETS, num_params, unread_embedding_params
 
@@ -87,6 +89,8 @@ def decode_roofline(row: dict[str, Any], bandwidth: float) -> dict[str, Any]:
     if shape is None:
         return dict(row)
     bytes_per_param = row["weight_bytes"] / num_params(shape)
+    if bytes_per_param != round(bytes_per_param):  # already the bytes read
+        return dict(row)
     read = row["weight_bytes"] - unread_embedding_params(shape) * bytes_per_param
     roof = (read + row["kv_bytes"]) / bandwidth
     out = {**row, "weight_bytes": read, "roofline_s": roof, "roofline_ms": f"{roof * 1e3:.3f}"}
@@ -97,7 +101,8 @@ def decode_roofline(row: dict[str, Any], bandwidth: float) -> dict[str, Any]:
 
 
 MODES = (("reference", "x:", "per-request eager (before)"), ("static", "s--", "batched static, eager"),
-         ("graph", "o-", "CUDA graph"), ("compiled", "D-", "CUDA graph + fused ops"))
+         ("graph", "o-", "CUDA graph"), ("graph_triton", "^-", "graph + Triton decode attention"),
+         ("fused", "D-", "graph + Triton attention + fused kernels"))
 
 
 def plot_decode_roofline(rows: list[dict[str, Any]], bandwidth: float, peak_flops: float = 989e12) -> Figure:
