@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -123,6 +124,7 @@ class ReqToTokenPool:
         # pinned, so that a write's copy to the device is queued on the stream without waiting for it
         self.host = self.req_to_token if cpu else torch.zeros((size, max_context_len), dtype=torch.int32,
                                                               pin_memory=True)
+        self._host_np = self.host.numpy()  # the same memory; numpy indexes small slices faster than torch
         self.clear()
 
     def clear(self) -> None:
@@ -160,7 +162,7 @@ class ReqToTokenPool:
         """``req_to_token[row, start:start + len(slots)] = slots``."""
         end = start + len(slots)
         self._check_end(end)
-        self.host[row, start:end] = slots.to("cpu", torch.int32)
+        self._host_np[row, start:end] = slots.detach().to("cpu").numpy()
         if self.host is not self.req_to_token:  # asynchronous: the host never waits for the GPU here
             self.req_to_token[row, start:end].copy_(self.host[row, start:end], non_blocking=True)
 
@@ -180,9 +182,9 @@ class ReqToTokenPool:
             index, values = index.to(self.device), values.to(self.device)
             self.req_to_token[index[0], index[1]] = values
 
-    def read(self, row: int, n: int) -> torch.Tensor:
-        """Positions ``[0, n)`` of ``row`` as int64 slots, from the host copy (no device sync)."""
-        return self.host[row, :n].to(torch.int64)
+    def read(self, row: int, n: int, start: int = 0) -> torch.Tensor:
+        """Positions ``[start, n)`` of ``row`` as int64 slots, from the host copy (no device sync)."""
+        return torch.from_numpy(self._host_np[row, start:n].astype(np.int64))
 
     def _check_end(self, end: int) -> None:
         if end > self.max_context_len:

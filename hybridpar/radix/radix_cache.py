@@ -22,13 +22,18 @@ Invariants (verified by :meth:`RadixCache.check_integrity`):
   ends inside a node, SGLang stamps the node *before* splitting it, so the unmatched lower half
   counts as just used too (``lru_split="both"``, the default); ``lru_split="upper"`` refreshes
   only the matched upper half (chapter 5's exercise asks which is the better LRU).
-* Host only: keys are Python lists, values CPU tensors; no tree operation touches the GPU.
+* Host only: keys are Python lists, values int64 CPU tensors, and the request hooks read the
+  host copy of ``req_to_token``; no tree operation touches the GPU, so none waits for it. The
+  slots of a match go to the device only where :meth:`ReqToTokenPool.write` queues them.
+* Cheap hooks: a request's locked prefix is, by the lock, exactly the path to ``req.last_node``, so
+  :meth:`cache_unfinished_req` and :meth:`cache_finished_req` walk on from that node instead of
+  comparing the prefix again from the root (stamping the path as a walk from the root would).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -37,7 +42,7 @@ from hybridpar.radix.integrity import IntegrityError, check_integrity
 from hybridpar.core import Req
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.prefix_cache import BasePrefixCache, MatchResult
-from hybridpar.radix.radix_key import RadixKey
+from hybridpar.radix.radix_key import RadixKey, req_key
 
 LRU_SPLIT_RULES = ("both", "upper")
 
@@ -89,7 +94,7 @@ class RadixCache(BasePrefixCache):
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
         self.page_size = token_to_kv_pool_allocator.page_size
-        self.device = token_to_kv_pool_allocator.device
+        self.device = torch.device("cpu")  # node values and match results stay on the host
         self.disable = disable
         self.lru_split = lru_split
         self.reset()
@@ -129,7 +134,13 @@ class RadixCache(BasePrefixCache):
 
     # ---------------------------------------------------------------- helpers
     def _empty(self) -> torch.Tensor:
-        return torch.empty(0, dtype=torch.int64, device=self.device)
+        return torch.empty(0, dtype=torch.int64)
+
+    def _cat(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """The slots of a path: one node's own tensor (not copied) or one ``torch.cat``."""
+        if len(values) == 1:
+            return values[0]
+        return torch.cat(values) if values else self._empty()
 
     def _tick(self) -> int:
         self._clock += 1
@@ -150,28 +161,38 @@ class RadixCache(BasePrefixCache):
     def _split(self, child: TreeNode, n: int) -> TreeNode:
         """Cut ``child`` after ``n`` tokens; returns the new upper node (same lock and time).
 
-        Both halves keep views of the same key list and value tensor: nothing is copied.
+        Both halves keep views of the same value tensor; each gets its own key list (see
+        :mod:`~hybridpar.radix.radix_key`: whole keys make later matches cheaper).
         """
-        upper = self._new_node(child.key[:n], child.value[:n], child.parent, child.last_access_time)
+        upper = self._new_node(child.key[:n].whole(), child.value[:n], child.parent, child.last_access_time)
         upper.lock_ref = child.lock_ref
         child.parent.children[child.key.page(self.page_size)] = upper
-        child.key, child.value, child.parent = child.key[n:], child.value[n:], upper
+        child.key, child.value, child.parent = child.key[n:].whole(), child.value[n:], upper
         upper.children[child.key.page(self.page_size)] = child
         return upper
 
-    def _walk(self, key: RadixKey) -> tuple[TreeNode, list[torch.Tensor], int]:
+    def _stamp(self, node: TreeNode, now: int) -> None:
+        """Set the LRU stamp of ``node`` and of all its ancestors."""
+        while node is not None:
+            node.last_access_time = now
+            node = node.parent
+
+    def _walk(self, key: RadixKey, node: TreeNode | None = None, pos: int = 0) -> tuple[TreeNode, list[torch.Tensor], int]:
         """Follow ``key`` (page aligned) from the root, splitting the node where it stops.
 
         Stamps every node on the path with a fresh clock value (under ``lru_split="both"`` the
         node where the walk stops is stamped before it is split, so its lower half is fresh too).
-        Returns the last node, the values along the path, and the matched length.
+        Returns the last node, the values along the path, and the matched length. Given ``node``,
+        whose path spells ``key[:pos]``, the walk starts there (the path is stamped, not compared)
+        and the values start at ``pos``.
         """
         now = self._tick()
         ps, both = self.page_size, self.lru_split == "both"
-        node, values, pos = self.root_node, [], 0
-        node.last_access_time = now
-        while pos < len(key):
-            rest = key[pos:]
+        node, values = node or self.root_node, []
+        self._stamp(node, now)
+        tokens, start, end = key.token_ids, key.start, key.end
+        while start + pos < end:
+            rest = RadixKey(tokens, start + pos, end)
             child = node.children.get(rest.page(ps))
             if child is None:
                 break
@@ -211,7 +232,7 @@ class RadixCache(BasePrefixCache):
         if self.disable or not len(key):
             return MatchResult(self._empty(), self.root_node)
         node, values, _ = self._walk(key)
-        return MatchResult(torch.cat(values) if values else self._empty(), node)
+        return MatchResult(self._cat(values), node)
 
     def prefix_len(self, key: Sequence[int] | torch.Tensor) -> int:
         """Length of the longest cached prefix of ``key`` in whole pages, without side effects.
@@ -243,8 +264,7 @@ class RadixCache(BasePrefixCache):
         produces the logits of its next token. Sets ``req.prefix_indices`` and
         ``req.last_node`` (not locked: lock before anything can evict).
         """
-        ids = req.all_ids
-        result = self.match_prefix(ids[: max(len(ids) - 1, 0)])
+        result = self.match_prefix(req_key(req, max(len(req.origin_input_ids) + len(req.output_ids) - 1, 0)))
         req.prefix_indices, req.last_node = result.device_indices, result.last_node
         return result
 
@@ -263,21 +283,25 @@ class RadixCache(BasePrefixCache):
                 f"insert needs len(key) % page_size == 0 and len(value) == len(key), got {len(key)}, "
                 f"{len(value)} with page_size={self.page_size}; truncate both to len(key) // page_size * page_size."
             )
-        node, _, prefix_len = self._walk(key)
+        return self._insert(key, lambda lo, hi: value[lo:hi].to("cpu", torch.int64).clone())[2]
+
+    def _insert(self, key: RadixKey, slots: Callable[[int, int], torch.Tensor], node: TreeNode | None = None,
+                pos: int = 0) -> tuple[TreeNode, list[torch.Tensor], int]:
+        """:meth:`insert`, walking from ``node`` at ``pos`` (see :meth:`_walk`); ``slots(lo, hi)`` is the new
+        leaf's own value for ``key[lo:hi]``. Returns the node that ends at ``len(key)``, the values of the
+        path from ``pos`` on (the new leaf's excluded) and the length that was already cached."""
+        node, values, prefix_len = self._walk(key, node, pos)
         if prefix_len < len(key):
             # the new leaf comes after everything the walk stamped (a node split on the way stays a
             # tick older, as in SGLang, where the leaf is created after the walk's stamps)
             now = self._tick()
-            leaf = self._new_node(  # the leaf's own copy of its tokens and slots
-                RadixKey(key[prefix_len:].tolist()), value[prefix_len:].to(self.device, torch.int64).clone(), node, now
-            )
-            up = node
-            while up is not None:
-                up.last_access_time = now
-                up = up.parent
+            tokens = key.token_ids[key.start + prefix_len:key.end]  # the leaf's own copy of its tokens
+            leaf = self._new_node(RadixKey(tokens), slots(prefix_len, len(key)), node, now)
+            self._stamp(node, now)
             node.children[leaf.key.page(self.page_size)] = leaf
             self._evictable_size += len(leaf.key)
-        return prefix_len
+            node = leaf
+        return node, values, prefix_len
 
     def evict(self, num_tokens: int) -> int:
         """Free at least ``num_tokens`` cached tokens, least recently used leaves first.
@@ -332,12 +356,26 @@ class RadixCache(BasePrefixCache):
         return delta
 
     # ------------------------------------------------------------ request hooks
-    def _row(self, req: Req) -> torch.Tensor:
+    def _check_row(self, req: Req) -> None:
         if req.req_pool_idx is None:
             raise ValueError(f"request {req.rid!r} has no req_to_token row; admit it with start_req() first.")
-        if req.kv_len > len(req.all_ids):
+        if req.kv_len > len(req.origin_input_ids) + len(req.output_ids):
             raise ValueError(f"request {req.rid!r}: kv_len={req.kv_len} exceeds its {len(req.all_ids)} tokens.")
-        return self.req_to_token_pool.read(req.req_pool_idx, req.kv_len).to(self.device)
+
+    def _free_row(self, req: Req, start: int, end: int) -> None:
+        """Free the slots of positions ``[start, end)`` of the request's row (read from the host copy)."""
+        if end > start:
+            self.token_to_kv_pool_allocator.free(self.req_to_token_pool.read(req.req_pool_idx, end, start))
+
+    def _insert_req(self, req: Req) -> tuple[TreeNode, list[torch.Tensor], int, int]:
+        """Insert the page-aligned part of ``all_ids[:kv_len]`` with the row's slots, walking on from the
+        request's locked node. Returns :meth:`_insert`'s three results and the aligned length."""
+        start, p = req.last_node or self.root_node, req.cache_protected_len
+        if sum(len(n.key) for n in self.path_to_root(start)) != p:
+            raise IntegrityError(f"request {req.rid!r}: its locked prefix of {p} tokens left the tree.")
+        aligned, row, read = self._aligned(req.kv_len), req.req_pool_idx, self.req_to_token_pool.read
+        node, values, cached = self._insert(req_key(req, aligned, p), lambda lo, hi: read(row, p + hi, p + lo), start)
+        return node, values, p + cached, aligned
 
     def cache_finished_req(self, req: Req) -> None:
         """Hand a finished request's KV to the tree and release everything it holds.
@@ -346,16 +384,13 @@ class RadixCache(BasePrefixCache):
         tokens someone else cached meanwhile are freed, and so is the unaligned tail (its
         page belongs to this request alone). The lock and the req_to_token row are released.
         """
-        row = self._row(req)
+        self._check_row(req)
         if self.disable:
-            self.token_to_kv_pool_allocator.free(row)
+            self._free_row(req, 0, req.kv_len)
         else:
-            aligned = self._aligned(req.kv_len)
-            prefix_len = self.insert(req.all_ids[:aligned], row[:aligned])
-            if prefix_len < req.cache_protected_len:
-                raise IntegrityError(f"request {req.rid!r}: its locked prefix of {req.cache_protected_len} tokens left the tree.")
-            self.token_to_kv_pool_allocator.free(row[req.cache_protected_len : prefix_len])
-            self.token_to_kv_pool_allocator.free(row[aligned:])
+            _, _, prefix_len, aligned = self._insert_req(req)
+            self._free_row(req, req.cache_protected_len, prefix_len)
+            self._free_row(req, aligned, req.kv_len)
             if req.last_node is not None:
                 self.dec_lock_ref(req.last_node)
         self.req_to_token_pool.free(req.req_pool_idx)
@@ -365,27 +400,25 @@ class RadixCache(BasePrefixCache):
     def cache_unfinished_req(self, req: Req) -> None:
         """Cache the KV computed so far by a running request (after a chunked-prefill step).
 
-        Inserts the page-aligned part of ``all_ids[:kv_len]``, frees duplicates, points the
-        row at the tree's slots, moves the request's lock down to the new last node and sets
-        ``prefix_indices`` to the whole row (the partial last page stays the request's own).
+        Inserts the page-aligned part of ``all_ids[:kv_len]``, frees duplicates and points the row
+        at the tree's slots instead, marks the path used as a match of it would, moves the
+        request's lock down to the new last node and sets ``prefix_indices`` to the whole row (the
+        partial last page stays the request's own).
         """
-        row = self._row(req)
+        self._check_row(req)
         if not self.disable:
-            aligned = self._aligned(req.kv_len)
-            key = req.all_ids[:aligned]
-            prefix_len = self.insert(key, row[:aligned])
-            if prefix_len < req.cache_protected_len:
-                raise IntegrityError(f"request {req.rid!r}: its locked prefix of {req.cache_protected_len} tokens left the tree.")
-            self.token_to_kv_pool_allocator.free(row[req.cache_protected_len : prefix_len])
-            match = self.match_prefix(key)
-            if match.prefix_len != aligned:
-                raise IntegrityError(f"request {req.rid!r}: matched {match.prefix_len} of {aligned} tokens just inserted.")
-            self.req_to_token_pool.write(req.req_pool_idx, req.cache_protected_len, match.device_indices[req.cache_protected_len :])
-            self.inc_lock_ref(match.last_node)
+            p = req.cache_protected_len
+            node, values, prefix_len, aligned = self._insert_req(req)
+            if prefix_len > p:
+                self._free_row(req, p, prefix_len)
+                self.req_to_token_pool.write(req.req_pool_idx, p, self._cat(values))
+            if aligned:
+                self._stamp(node, self._tick())
+            self.inc_lock_ref(node)
             if req.last_node is not None:
                 self.dec_lock_ref(req.last_node)
-            req.last_node, req.cache_protected_len = match.last_node, aligned
-        req.prefix_indices = self._row(req)
+            req.last_node, req.cache_protected_len = node, aligned
+        req.prefix_indices = self.req_to_token_pool.read(req.req_pool_idx, req.kv_len)
 
     def check_integrity(self, reqs: Sequence[Req] | None = None, locked_nodes: Sequence[TreeNode] = ()) -> None:
         """Raise :class:`IntegrityError` unless tree, counters, pools and requests agree.
