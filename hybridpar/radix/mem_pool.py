@@ -182,9 +182,13 @@ class ReqToTokenPool:
             index, values = index.to(self.device), values.to(self.device)
             self.req_to_token[index[0], index[1]] = values
 
-    def read(self, row: int, n: int, start: int = 0) -> torch.Tensor:
-        """Positions ``[start, n)`` of ``row`` as int64 slots, from the host copy (no device sync)."""
-        return torch.from_numpy(self._host_np[row, start:n].astype(np.int64))
+    def read(self, row: int, n: int) -> torch.Tensor:
+        """Positions ``[0, n)`` of ``row`` as int64 slots, from the host copy (no device sync)."""
+        return torch.from_numpy(self.read_numpy(row, n))
+
+    def read_numpy(self, row: int, n: int, start: int = 0) -> np.ndarray:
+        """Positions ``[start, n)`` as a fresh int64 numpy array (for host bookkeeping that slices it)."""
+        return self._host_np[row, start:n].astype(np.int64)
 
     def _check_end(self, end: int) -> None:
         if end > self.max_context_len:

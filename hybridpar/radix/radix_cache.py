@@ -1,8 +1,8 @@
 """RadixCache: a radix tree from token sequences to the KV-cache slots that hold them (SGLang).
 
 Each edge of the tree carries a run of tokens (``node.key``, a
-:class:`~hybridpar.radix.radix_key.RadixKey`: a view of a token list, sliced without copying) and
-the slots of their KV (``node.value``, int64 on the host, same length). The path from the root to a node spells a token
+:class:`~hybridpar.radix.radix_key.RadixKey` over a list of its own) and the slots of their KV
+(``node.value``, int64 on the host, same length). The path from the root to a node spells a token
 prefix; its KV is the concatenation of the values on that path, so requests that share a
 prompt prefix share its KV instead of recomputing it.
 
@@ -36,6 +36,7 @@ import heapq
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from hybridpar.radix.integrity import IntegrityError, check_integrity
@@ -43,28 +44,10 @@ from hybridpar.core import Req
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.prefix_cache import BasePrefixCache, MatchResult
 from hybridpar.radix.radix_key import RadixKey, req_key
+from hybridpar.radix.tree_node import TreeNode, lock, lock_down, stamp, unlock
 
 LRU_SPLIT_RULES = ("both", "upper")
-
-class TreeNode:
-    """One edge of the radix tree: ``key`` tokens whose KV lives in slots ``value``."""
-
-    __slots__ = ("id", "key", "value", "parent", "children", "lock_ref", "last_access_time")
-
-    def __init__(self, node_id: int, key: RadixKey, value: torch.Tensor, parent: TreeNode | None, now: int):
-        self.id = node_id
-        self.key = key
-        self.value = value
-        self.parent = parent
-        self.children: dict[Any, TreeNode] = {}
-        self.lock_ref = 0
-        self.last_access_time = now
-
-    def __lt__(self, other: TreeNode) -> bool:  # heap order for eviction: oldest first, ties by id
-        return (self.last_access_time, self.id) < (other.last_access_time, other.id)
-
-    def __repr__(self) -> str:
-        return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref}, t={self.last_access_time})"
+_NO_SLOTS = torch.empty(0, dtype=torch.int64)  # shared: an empty match or row made no tensor
 
 
 class RadixCache(BasePrefixCache):
@@ -134,7 +117,7 @@ class RadixCache(BasePrefixCache):
 
     # ---------------------------------------------------------------- helpers
     def _empty(self) -> torch.Tensor:
-        return torch.empty(0, dtype=torch.int64)
+        return _NO_SLOTS
 
     def _cat(self, values: list[torch.Tensor]) -> torch.Tensor:
         """The slots of a path: one node's own tensor (not copied) or one ``torch.cat``."""
@@ -171,25 +154,18 @@ class RadixCache(BasePrefixCache):
         upper.children[child.key.page(self.page_size)] = child
         return upper
 
-    def _stamp(self, node: TreeNode, now: int) -> None:
-        """Set the LRU stamp of ``node`` and of all its ancestors."""
-        while node is not None:
-            node.last_access_time = now
-            node = node.parent
-
-    def _walk(self, key: RadixKey, node: TreeNode | None = None, pos: int = 0) -> tuple[TreeNode, list[torch.Tensor], int]:
+    def _walk(self, key: RadixKey, node: TreeNode | None = None) -> tuple[TreeNode, list[torch.Tensor], int]:
         """Follow ``key`` (page aligned) from the root, splitting the node where it stops.
 
         Stamps every node on the path with a fresh clock value (under ``lru_split="both"`` the
         node where the walk stops is stamped before it is split, so its lower half is fresh too).
         Returns the last node, the values along the path, and the matched length. Given ``node``,
-        whose path spells ``key[:pos]``, the walk starts there (the path is stamped, not compared)
-        and the values start at ``pos``.
+        the walk starts there, as if its path had been followed (stamped, not compared).
         """
         now = self._tick()
         ps, both = self.page_size, self.lru_split == "both"
-        node, values = node or self.root_node, []
-        self._stamp(node, now)
+        node, values, pos = node or self.root_node, [], 0
+        stamp(node, now)
         tokens, start, end = key.token_ids, key.start, key.end
         while start + pos < end:
             rest = RadixKey(tokens, start + pos, end)
@@ -228,7 +204,9 @@ class RadixCache(BasePrefixCache):
         LRU time of the matched path. Never allocates or frees slots.
         """
         key = RadixKey.of(key)
-        key = key[: self._aligned(len(key))]
+        return self._match(key[: self._aligned(len(key))])
+
+    def _match(self, key: RadixKey) -> MatchResult:
         if self.disable or not len(key):
             return MatchResult(self._empty(), self.root_node)
         node, values, _ = self._walk(key)
@@ -264,7 +242,7 @@ class RadixCache(BasePrefixCache):
         produces the logits of its next token. Sets ``req.prefix_indices`` and
         ``req.last_node`` (not locked: lock before anything can evict).
         """
-        result = self.match_prefix(req_key(req, max(len(req.origin_input_ids) + len(req.output_ids) - 1, 0)))
+        result = self._match(req_key(req, self._aligned(max(len(req.origin_input_ids) + len(req.output_ids) - 1, 0))))
         req.prefix_indices, req.last_node = result.device_indices, result.last_node
         return result
 
@@ -285,19 +263,19 @@ class RadixCache(BasePrefixCache):
             )
         return self._insert(key, lambda lo, hi: value[lo:hi].to("cpu", torch.int64).clone())[2]
 
-    def _insert(self, key: RadixKey, slots: Callable[[int, int], torch.Tensor], node: TreeNode | None = None,
-                pos: int = 0) -> tuple[TreeNode, list[torch.Tensor], int]:
-        """:meth:`insert`, walking from ``node`` at ``pos`` (see :meth:`_walk`); ``slots(lo, hi)`` is the new
-        leaf's own value for ``key[lo:hi]``. Returns the node that ends at ``len(key)``, the values of the
-        path from ``pos`` on (the new leaf's excluded) and the length that was already cached."""
-        node, values, prefix_len = self._walk(key, node, pos)
+    def _insert(self, key: RadixKey, slots: Callable[[int, int], torch.Tensor],
+                node: TreeNode | None = None) -> tuple[TreeNode, list[torch.Tensor], int]:
+        """:meth:`insert`, walking from ``node`` (see :meth:`_walk`); ``slots(lo, hi)`` is the new leaf's
+        own value for ``key[lo:hi]``. Returns the node that ends at ``len(key)``, the values of the walked
+        path (the new leaf's excluded) and the length of ``key`` that was already cached."""
+        node, values, prefix_len = self._walk(key, node)
         if prefix_len < len(key):
             # the new leaf comes after everything the walk stamped (a node split on the way stays a
             # tick older, as in SGLang, where the leaf is created after the walk's stamps)
             now = self._tick()
             tokens = key.token_ids[key.start + prefix_len:key.end]  # the leaf's own copy of its tokens
             leaf = self._new_node(RadixKey(tokens), slots(prefix_len, len(key)), node, now)
-            self._stamp(node, now)
+            stamp(node, now)
             node.children[leaf.key.page(self.page_size)] = leaf
             self._evictable_size += len(leaf.key)
             node = leaf
@@ -327,55 +305,44 @@ class RadixCache(BasePrefixCache):
 
     def inc_lock_ref(self, node: TreeNode) -> int:
         """Lock ``node`` and its ancestors; returns the change of ``evictable_size`` (<= 0)."""
-        if self.disable:
-            return 0
-        delta = 0
-        for n in self.path_to_root(node):
-            if n.lock_ref == 0:
-                delta -= len(n.key)
-            n.lock_ref += 1
-        self._evictable_size += delta
-        self._protected_size -= delta
-        return delta
+        return 0 if self.disable else self._protect(lock(self.path_to_root(node)))
 
     def dec_lock_ref(self, node: TreeNode) -> int:
         """Release one lock taken by :meth:`inc_lock_ref`; returns the change of ``evictable_size`` (>= 0)."""
-        if self.disable:
-            return 0
-        path = self.path_to_root(node)
-        for n in path:
-            if n.lock_ref < 1:
-                raise IntegrityError(f"dec_lock_ref would make lock_ref negative at {n}; every dec needs a matching inc.")
-        delta = 0
-        for n in path:
-            n.lock_ref -= 1
-            if n.lock_ref == 0:
-                delta += len(n.key)
-        self._evictable_size += delta
-        self._protected_size -= delta
-        return delta
+        return 0 if self.disable else self._protect(unlock(self.path_to_root(node)))
+
+    def _protect(self, tokens: int) -> int:
+        """Move ``tokens`` from the evictable to the protected counter; returns the evictable change."""
+        self._evictable_size -= tokens
+        self._protected_size += tokens
+        return -tokens
 
     # ------------------------------------------------------------ request hooks
-    def _check_row(self, req: Req) -> None:
+    def _row(self, req: Req, start: int = 0) -> np.ndarray:
+        """The request's slots ``[start, kv_len)``, int64, from the host copy of its row (a fresh array)."""
         if req.req_pool_idx is None:
             raise ValueError(f"request {req.rid!r} has no req_to_token row; admit it with start_req() first.")
         if req.kv_len > len(req.origin_input_ids) + len(req.output_ids):
             raise ValueError(f"request {req.rid!r}: kv_len={req.kv_len} exceeds its {len(req.all_ids)} tokens.")
+        return self.req_to_token_pool.read_numpy(req.req_pool_idx, req.kv_len, start)
 
-    def _free_row(self, req: Req, start: int, end: int) -> None:
-        """Free the slots of positions ``[start, end)`` of the request's row (read from the host copy)."""
-        if end > start:
-            self.token_to_kv_pool_allocator.free(self.req_to_token_pool.read(req.req_pool_idx, end, start))
-
-    def _insert_req(self, req: Req) -> tuple[TreeNode, list[torch.Tensor], int, int]:
-        """Insert the page-aligned part of ``all_ids[:kv_len]`` with the row's slots, walking on from the
-        request's locked node. Returns :meth:`_insert`'s three results and the aligned length."""
+    def _insert_req(self, req: Req, slots: np.ndarray) -> tuple[TreeNode, list[torch.Tensor], int, list[TreeNode]]:
+        """Insert the page-aligned part of ``all_ids[:kv_len]``, walking on from the request's locked
+        node; ``slots`` holds the row's positions ``[kv_len - len(slots), kv_len)`` (from
+        ``cache_protected_len`` on, or more). Returns :meth:`_insert`'s three results (the length
+        counted from the start of the request) and the path of the locked node, checked to be attached."""
         start, p = req.last_node or self.root_node, req.cache_protected_len
-        if sum(len(n.key) for n in self.path_to_root(start)) != p:
+        path = self.path_to_root(start)
+        if sum(len(n.key) for n in path) != p:
             raise IntegrityError(f"request {req.rid!r}: its locked prefix of {p} tokens left the tree.")
-        aligned, row, read = self._aligned(req.kv_len), req.req_pool_idx, self.req_to_token_pool.read
-        node, values, cached = self._insert(req_key(req, aligned, p), lambda lo, hi: read(row, p + hi, p + lo), start)
-        return node, values, p + cached, aligned
+        aligned, at = self._aligned(req.kv_len), p - req.kv_len + len(slots)  # position p's index in slots
+        node, values, cached = self._insert(req_key(req, aligned, p),
+                                            lambda lo, hi: torch.from_numpy(slots[at + lo:at + hi].copy()), start)
+        return node, values, p + cached, path
+
+    def _free(self, slots: np.ndarray) -> None:
+        if len(slots):
+            self.token_to_kv_pool_allocator.free(torch.from_numpy(slots))
 
     def cache_finished_req(self, req: Req) -> None:
         """Hand a finished request's KV to the tree and release everything it holds.
@@ -384,15 +351,15 @@ class RadixCache(BasePrefixCache):
         tokens someone else cached meanwhile are freed, and so is the unaligned tail (its
         page belongs to this request alone). The lock and the req_to_token row are released.
         """
-        self._check_row(req)
+        p = req.cache_protected_len
+        slots = self._row(req, p)  # positions [p, kv_len)
         if self.disable:
-            self._free_row(req, 0, req.kv_len)
+            self._free(slots)
         else:
-            _, _, prefix_len, aligned = self._insert_req(req)
-            self._free_row(req, req.cache_protected_len, prefix_len)
-            self._free_row(req, aligned, req.kv_len)
-            if req.last_node is not None:
-                self.dec_lock_ref(req.last_node)
+            _, _, prefix_len, locked = self._insert_req(req, slots)
+            self._free(slots[:prefix_len - p])
+            self._free(slots[self._aligned(req.kv_len) - p:])
+            self._protect(unlock(locked))
         self.req_to_token_pool.free(req.req_pool_idx)
         req.req_pool_idx, req.last_node, req.cache_protected_len = None, None, 0
         req.prefix_indices = self._empty()
@@ -405,20 +372,21 @@ class RadixCache(BasePrefixCache):
         request's lock down to the new last node and sets ``prefix_indices`` to the whole row (the
         partial last page stays the request's own).
         """
-        self._check_row(req)
+        slots = self._row(req)
         if not self.disable:
-            p = req.cache_protected_len
-            node, values, prefix_len, aligned = self._insert_req(req)
+            p, old = req.cache_protected_len, req.last_node
+            node, values, prefix_len, _ = self._insert_req(req, slots)
+            aligned = self._aligned(req.kv_len)
             if prefix_len > p:
-                self._free_row(req, p, prefix_len)
-                self.req_to_token_pool.write(req.req_pool_idx, p, self._cat(values))
+                self._free(slots[p:prefix_len])
+                tree_slots = self._cat(values)
+                self.req_to_token_pool.write(req.req_pool_idx, p, tree_slots)
+                slots[p:prefix_len] = tree_slots.numpy()
             if aligned:
-                self._stamp(node, self._tick())
-            self.inc_lock_ref(node)
-            if req.last_node is not None:
-                self.dec_lock_ref(req.last_node)
+                stamp(node, self._tick())
+            self._protect(lock_down(old or self.root_node, node))
             req.last_node, req.cache_protected_len = node, aligned
-        req.prefix_indices = self.req_to_token_pool.read(req.req_pool_idx, req.kv_len)
+        req.prefix_indices = torch.from_numpy(slots)
 
     def check_integrity(self, reqs: Sequence[Req] | None = None, locked_nodes: Sequence[TreeNode] = ()) -> None:
         """Raise :class:`IntegrityError` unless tree, counters, pools and requests agree.
