@@ -43,7 +43,7 @@ from hybridpar.radix.integrity import IntegrityError, check_integrity
 from hybridpar.core import Req
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.prefix_cache import BasePrefixCache, MatchResult
-from hybridpar.radix.radix_key import RadixKey, req_key
+from hybridpar.radix.radix_key import RadixKey, prompt_key, req_key
 from hybridpar.radix.tree_node import TreeNode, lock, lock_down, stamp, unlock
 
 LRU_SPLIT_RULES = ("both", "upper")
@@ -242,7 +242,8 @@ class RadixCache(BasePrefixCache):
         produces the logits of its next token. Sets ``req.prefix_indices`` and
         ``req.last_node`` (not locked: lock before anything can evict).
         """
-        result = self._match(req_key(req, self._aligned(max(len(req.origin_input_ids) + len(req.output_ids) - 1, 0))))
+        key = prompt_key(req)
+        result = self._match(key[: self._aligned(len(key))])
         req.prefix_indices, req.last_node = result.device_indices, result.last_node
         return result
 

@@ -120,3 +120,8 @@ def req_key(req: Req, end: int, start: int = 0) -> RadixKey:
         return RadixKey(ids, start, end)
     n = len(ids)
     return RadixKey(list(ids[start:]) + req.output_ids[max(start - n, 0):end - n])
+
+
+def prompt_key(req: Req) -> RadixKey:
+    """What admission matches: ``req.all_ids`` but its last token, which is always computed."""
+    return req_key(req, max(len(req.origin_input_ids) + len(req.output_ids) - 1, 0))
