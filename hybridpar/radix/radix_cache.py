@@ -290,18 +290,19 @@ class RadixCache(BasePrefixCache):
         """
         if self.disable or num_tokens <= 0:
             return 0
-        heap = [n for n in self.nodes() if not n.children and n.lock_ref == 0]
+        # (stamp, id, node): TreeNode's order, compared in C
+        heap = [(n.last_access_time, n.id, n) for n in self.nodes() if not n.children and n.lock_ref == 0]
         heapq.heapify(heap)
         evicted = 0
         while evicted < num_tokens and heap:
-            node = heapq.heappop(heap)
+            node = heapq.heappop(heap)[2]
             self.token_to_kv_pool_allocator.free(node.value)
             evicted += len(node.key)
             self._evictable_size -= len(node.key)
             parent = node.parent
             del parent.children[node.key.page(self.page_size)]
             if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, parent)
+                heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
         return evicted
 
     def inc_lock_ref(self, node: TreeNode) -> int:
