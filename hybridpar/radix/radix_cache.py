@@ -18,21 +18,19 @@ Invariants (verified by :meth:`RadixCache.check_integrity`):
   tokens are counted in ``protected_size``, the others in ``evictable_size``.
 * LRU: every match or insert stamps the nodes it walks with the next value of a logical
   clock, so a parent is never older than its children; :meth:`evict` frees unlocked leaves
-  oldest first. The clock is a counter, not wall time, so runs are reproducible. When a walk
-  ends inside a node, SGLang stamps the node *before* splitting it, so the unmatched lower half
-  counts as just used too (``lru_split="both"``, the default); ``lru_split="upper"`` refreshes
-  only the matched upper half (chapter 5's exercise asks which is the better LRU).
+  oldest first (a :class:`~hybridpar.radix.tree_node.LeafHeap`). The clock is a counter, not wall
+  time, so runs are reproducible. When a walk ends inside a node, SGLang stamps it *before*
+  splitting it, so the unmatched lower half counts as just used too (``lru_split="both"``, the
+  default); ``lru_split="upper"`` refreshes only the matched upper half (chapter 5's exercise).
 * Host only: keys are Python lists, values int64 CPU tensors, and the request hooks read the
   host copy of ``req_to_token``; no tree operation touches the GPU, so none waits for it. The
   slots of a match go to the device only where :meth:`ReqToTokenPool.write` queues them.
-* Cheap hooks: a request's locked prefix is, by the lock, exactly the path to ``req.last_node``, so
-  :meth:`cache_unfinished_req` and :meth:`cache_finished_req` walk on from that node instead of
-  comparing the prefix again from the root (stamping the path as a walk from the root would).
+* Cheap hooks: a request's locked prefix is, by the lock, the path to ``req.last_node``; the request
+  hooks walk on from that node, stamping the path as a walk from the root would, without comparing it.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -44,7 +42,7 @@ from hybridpar.core import Req
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.prefix_cache import BasePrefixCache, MatchResult
 from hybridpar.radix.radix_key import RadixKey, prompt_key, req_key
-from hybridpar.radix.tree_node import TreeNode, lock, lock_down, stamp, unlock
+from hybridpar.radix.tree_node import LeafHeap, TreeNode, lock, lock_down, stamp, unlock
 
 LRU_SPLIT_RULES = ("both", "upper")
 _NO_SLOTS = torch.empty(0, dtype=torch.int64)  # shared: an empty match or row made no tensor
@@ -59,14 +57,8 @@ class RadixCache(BasePrefixCache):
     stamp of a node that a walk splits (module docstring).
     """
 
-    def __init__(
-        self,
-        req_to_token_pool: ReqToTokenPool,
-        token_to_kv_pool_allocator: TokenToKVPoolAllocator,
-        page_size: int | None = None,
-        disable: bool = False,
-        lru_split: Literal["both", "upper"] = "both",
-    ) -> None:
+    def __init__(self, req_to_token_pool: ReqToTokenPool, token_to_kv_pool_allocator: TokenToKVPoolAllocator,
+                 page_size: int | None = None, disable: bool = False, lru_split: Literal["both", "upper"] = "both") -> None:
         if lru_split not in LRU_SPLIT_RULES:
             raise ValueError(f"lru_split={lru_split!r}; choose one of {LRU_SPLIT_RULES}.")
         if page_size is not None and page_size != token_to_kv_pool_allocator.page_size:
@@ -87,10 +79,11 @@ class RadixCache(BasePrefixCache):
         """Forget the whole tree. Like SGLang's flush, the caller also clears both pools."""
         self._clock = 0
         self._next_id = 0
-        self.root_node = self._new_node(RadixKey([]), self._empty(), None)
+        self.root_node = self._new_node(RadixKey([]), _NO_SLOTS, None)
         self.root_node.lock_ref = 1  # the root is always protected and holds no tokens
         self._evictable_size = 0
         self._protected_size = 0
+        self._lru = LeafHeap(lambda: (n for n in self.nodes() if not n.children and n.lock_ref == 0))
 
     @property
     def clock(self) -> int:
@@ -116,14 +109,11 @@ class RadixCache(BasePrefixCache):
             stack.extend(node.children.values())
 
     # ---------------------------------------------------------------- helpers
-    def _empty(self) -> torch.Tensor:
-        return _NO_SLOTS
-
     def _cat(self, values: list[torch.Tensor]) -> torch.Tensor:
         """The slots of a path: one node's own tensor (not copied) or one ``torch.cat``."""
         if len(values) == 1:
             return values[0]
-        return torch.cat(values) if values else self._empty()
+        return torch.cat(values) if values else _NO_SLOTS
 
     def _tick(self) -> int:
         self._clock += 1
@@ -174,13 +164,16 @@ class RadixCache(BasePrefixCache):
                 break
             n = child.key.match_len(rest, ps)
             if n < len(child.key):
+                lower = child
                 if both:
-                    child.last_access_time = now
-                child = self._split(child, n)
+                    lower.last_access_time = now
+                child = self._split(lower, n)
+                self._lru.offer(lower)
             child.last_access_time = now
             values.append(child.value)
             pos += n
             node = child
+        self._lru.offer(node)
         return node, values, pos
 
     def path_to_root(self, node: TreeNode) -> list[TreeNode]:
@@ -208,7 +201,7 @@ class RadixCache(BasePrefixCache):
 
     def _match(self, key: RadixKey) -> MatchResult:
         if self.disable or not len(key):
-            return MatchResult(self._empty(), self.root_node)
+            return MatchResult(_NO_SLOTS, self.root_node)
         node, values, _ = self._walk(key)
         return MatchResult(self._cat(values), node)
 
@@ -279,6 +272,7 @@ class RadixCache(BasePrefixCache):
             stamp(node, now)
             node.children[leaf.key.page(self.page_size)] = leaf
             self._evictable_size += len(leaf.key)
+            self._lru.offer(leaf)
             node = leaf
         return node, values, prefix_len
 
@@ -290,19 +284,17 @@ class RadixCache(BasePrefixCache):
         """
         if self.disable or num_tokens <= 0:
             return 0
-        # (stamp, id, node): TreeNode's order, compared in C
-        heap = [(n.last_access_time, n.id, n) for n in self.nodes() if not n.children and n.lock_ref == 0]
-        heapq.heapify(heap)
         evicted = 0
-        while evicted < num_tokens and heap:
-            node = heapq.heappop(heap)[2]
+        while evicted < num_tokens:
+            node = self._lru.pop()
+            if node is None:
+                break
             self.token_to_kv_pool_allocator.free(node.value)
             evicted += len(node.key)
             self._evictable_size -= len(node.key)
-            parent = node.parent
+            parent, node.parent = node.parent, None  # detached: path_to_root and the heap refuse it now
             del parent.children[node.key.page(self.page_size)]
-            if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
+            self._lru.offer(parent)
         return evicted
 
     def inc_lock_ref(self, node: TreeNode) -> int:
@@ -311,7 +303,14 @@ class RadixCache(BasePrefixCache):
 
     def dec_lock_ref(self, node: TreeNode) -> int:
         """Release one lock taken by :meth:`inc_lock_ref`; returns the change of ``evictable_size`` (>= 0)."""
-        return 0 if self.disable else self._protect(unlock(self.path_to_root(node)))
+        return 0 if self.disable else self._release(self.path_to_root(node))
+
+    def _release(self, path: list[TreeNode]) -> int:
+        """Unlock ``path`` (a node's path to the root); its lowest node may become an evictable leaf."""
+        delta = self._protect(unlock(path))
+        if path:
+            self._lru.offer(path[0])
+        return delta
 
     def _protect(self, tokens: int) -> int:
         """Move ``tokens`` from the evictable to the protected counter; returns the evictable change."""
@@ -361,10 +360,10 @@ class RadixCache(BasePrefixCache):
             _, _, prefix_len, locked = self._insert_req(req, slots)
             self._free(slots[:prefix_len - p])
             self._free(slots[self._aligned(req.kv_len) - p:])
-            self._protect(unlock(locked))
+            self._release(locked)
         self.req_to_token_pool.free(req.req_pool_idx)
         req.req_pool_idx, req.last_node, req.cache_protected_len = None, None, 0
-        req.prefix_indices = self._empty()
+        req.prefix_indices = _NO_SLOTS
 
     def cache_unfinished_req(self, req: Req) -> None:
         """Cache the KV computed so far by a running request (after a chunked-prefill step).

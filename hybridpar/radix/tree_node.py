@@ -8,6 +8,8 @@ way), so that :class:`~hybridpar.radix.radix_cache.RadixCache` keeps its two cou
 """
 from __future__ import annotations
 
+import heapq
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -77,3 +79,35 @@ def lock_down(old: TreeNode, new: TreeNode) -> int:
         new.lock_ref += 1
         new = new.parent
     return protected
+
+
+class LeafHeap:
+    """The evictable leaves (unlocked, childless, attached) in LRU order, kept between evictions.
+
+    A heap of ``(stamp, id, node)`` entries, compared in C. Entries are never updated in place:
+    whoever may have made a node an evictable leaf, or changed the stamp of one, :meth:`offer`\\ s it
+    again, and :meth:`pop` drops the entries that no longer hold (the node got a child, a lock,
+    a newer stamp, or left the tree). So an eviction costs a few heap operations, not a scan of the
+    tree, and pops the same leaf a scan would. ``rebuild`` scans once when stale entries pile up.
+    """
+
+    def __init__(self, rebuild: Callable[[], Iterable[TreeNode]]) -> None:
+        self._leaves = rebuild
+        self._entries: list[tuple[int, int, TreeNode]] = []
+        self._limit = 256
+
+    def offer(self, node: TreeNode) -> None:
+        if node.parent is not None and not node.children and node.lock_ref == 0:
+            heapq.heappush(self._entries, (node.last_access_time, node.id, node))
+            if len(self._entries) > self._limit:
+                self._entries = [(n.last_access_time, n.id, n) for n in self._leaves()]
+                heapq.heapify(self._entries)
+                self._limit = 4 * len(self._entries) + 256
+
+    def pop(self) -> TreeNode | None:
+        """The least recently used evictable leaf (oldest stamp, then lowest id), or None."""
+        while self._entries:
+            stamp, _, node = heapq.heappop(self._entries)
+            if node.parent is not None and not node.children and node.lock_ref == 0 and node.last_access_time == stamp:
+                return node
+        return None
