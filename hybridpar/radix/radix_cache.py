@@ -164,11 +164,10 @@ class RadixCache(BasePrefixCache):
                 break
             n = child.key.match_len(rest, ps)
             if n < len(child.key):
-                lower = child
                 if both:
-                    lower.last_access_time = now
-                child = self._split(lower, n)
-                self._lru.offer(lower)
+                    child.last_access_time = now
+                self._lru.offer(child)  # what becomes the lower half: maybe a leaf with a new stamp
+                child = self._split(child, n)
             child.last_access_time = now
             values.append(child.value)
             pos += n
