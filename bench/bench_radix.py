@@ -16,10 +16,23 @@ on          fcfs/lpm    ordered/shuffled   reuse, and whether the order matters
 plus a *no-sharing* workload (``S = 0``, questions of ``S + Q`` tokens), cache on and off, where
 the tree can only cost time. Reported per run: hit rate (cached prompt tokens / prompt tokens)
 against the best any schedule can reach, prefill tokens computed, TTFT p50/p90, total tokens/s,
-and the wall time spent inside radix-tree operations (``match_prefix``, ``insert``, ``evict``,
-lock changes, ``cache_*_req``; outermost calls timed) as a share of the run.
+and the wall time spent inside radix-tree operations (``match_prefix``, ``prefix_len``,
+``insert``, ``evict``, lock changes, ``cache_*_req``; outermost calls timed, per operation too)
+as a share of the run.
+
+**The ideal speedup.** Every step of every run is timed by kind (``perf_counter`` around
+``TPScheduler.step``, whose leader ends in a host read of the sampled tokens, so a step's time is
+its GPU time too). Assume that a prefill step's time is proportional to the prompt tokens it
+computes and that the decode steps do not change with the cache. Then a cache that skips the
+fraction ``saved = cached prompt tokens / prompt tokens`` (of the cache-on run) saves at best
+``saved * prefill_s_off`` of the cache-off run's ``wall_off``, and::
+
+    ideal_speedup  = wall_off / (wall_off - saved * prefill_s_off)
+    speedup        = wall_off / wall_on                     (= the ratio of tokens/s)
+    share_of_ideal = (speedup - 1) / (ideal_speedup - 1)    (the part of the ideal gain reached)
 
     python bench/bench_radix.py                          # GPU: qwen2.5-0.5b-shape, 64 x 16 x 2048 / 128 / 256
+    python bench/bench_radix.py --quick                  # GPU, about a minute: 32 x 16 x 2048 / 128 / 128, off vs lpm
     python bench/bench_radix.py --groups 16 --outputs 64   # a quarter of the requests and outputs
     python bench/bench_radix.py --cpu                    # miniature: qwen2-tiny, 2 x 4 x 32 / 8 / 4
 """
@@ -30,6 +43,7 @@ import functools
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -42,15 +56,46 @@ from hybridpar.distributed.parallel_state import get_tp_group, initialize_tensor
 from hybridpar.radix.radix_cache import RadixCache
 from hybridpar.radix.workload import SharedPrefixWorkload
 
-TREE_OPS = ("match_prefix", "match_prefix_for_req", "insert", "evict", "inc_lock_ref", "dec_lock_ref",
+TREE_OPS = ("match_prefix", "match_prefix_for_req", "prefix_len", "insert", "evict", "inc_lock_ref", "dec_lock_ref",
             "cache_finished_req", "cache_unfinished_req")
 
 
+def ideal_speedup(wall_off: float, prefill_s_off: float, saved_fraction: float) -> float:
+    """The cache-off run's wall time over the same run without ``saved_fraction`` of its prefill time."""
+    return wall_off / (wall_off - prefill_s_off * saved_fraction)
+
+
+def share_of_ideal(speedup: float, ideal: float) -> float:
+    """``(speedup - 1) / (ideal - 1)``: 1 when the cache saves all the prefill time it could, 0 when none."""
+    return (speedup - 1) / (ideal - 1) if ideal > 1 else float("nan")
+
+
+class StepTimer:
+    """Wraps one scheduler's ``step`` to add each step's wall time to ``seconds[kind]`` (prefill, decode)."""
+
+    def __init__(self, sched: Any) -> None:
+        self.seconds: dict[str, float] = {"prefill": 0.0, "decode": 0.0}
+        step, log = sched.step, sched.step_log
+
+        def timed(results: dict) -> bool:
+            n, start = len(log), time.perf_counter()
+            ran = step(results)
+            if len(log) > n:
+                kind = log[-1].kind
+                self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
+            return ran
+
+        sched.step = timed
+
+
 class TreeTimer:
-    """Patches :class:`RadixCache`'s operations to add their wall time to ``seconds`` (outermost calls only)."""
+    """Patches :class:`RadixCache`'s operations to add their wall time to ``seconds`` (outermost calls only).
+
+    ``by_op[name] = [calls, seconds]`` splits the total by the operation called from outside the tree."""
 
     def __init__(self) -> None:
         self.seconds, self.calls, self._depth, self._saved = 0.0, 0, 0, {}
+        self.by_op: dict[str, list] = {}
 
     def __enter__(self) -> TreeTimer:
         for name in TREE_OPS:
@@ -73,8 +118,12 @@ class TreeTimer:
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    self.seconds += time.perf_counter() - start
+                    dt = time.perf_counter() - start
+                    self.seconds += dt
                     self.calls += 1
+                    op = self.by_op.setdefault(fn.__name__, [0, 0.0])
+                    op[0] += 1
+                    op[1] += dt
         return timed
 
 
@@ -85,6 +134,7 @@ def serve(handle: ModelHandle, workload: SharedPrefixWorkload, shuffle: bool, **
     sched = TPScheduler(handle, **overrides)
     for req in workload.requests(shuffle=shuffle):
         sched.add_request(req.prompt_ids, sampling=SamplingParams(max_new_tokens=req.max_new_tokens, ignore_eos=True))
+    steps = StepTimer(sched)
     with TreeTimer() as timer:
         results = sched.process_requests()
     m = sched.metrics
@@ -102,10 +152,11 @@ def serve(handle: ModelHandle, workload: SharedPrefixWorkload, shuffle: bool, **
         "total_tok_s": (m.prompt_tokens + m.generated_tokens) / wall,
         "output_tok_s": m.generated_tokens / wall,
         "tree_s": timer.seconds, "tree_calls": timer.calls, "tree_share": timer.seconds / m.wall_s,
+        "tree_ops": timer.by_op, "prefill_s": steps.seconds["prefill"], "decode_s": steps.seconds["decode"],
     }
 
 
-def worker(model_name: str, dtype_name: str, shape: dict, graphs: bool, server: dict) -> list[dict]:
+def worker(model_name: str, dtype_name: str, shape: dict, graphs: bool, server: dict, quick: bool) -> list[dict]:
     initialize_tensor_parallel(1)
     device = current_device()
     model = build_model(model_name, device, getattr(torch, dtype_name), get_tp_group())
@@ -122,6 +173,8 @@ def worker(model_name: str, dtype_name: str, shape: dict, graphs: bool, server: 
         ("no-sharing", alone, True, True, "fcfs"),
         ("no-sharing", alone, True, False, "lpm"),
     ]
+    if quick:  # the comparison the targets name: cache off vs on with LPM
+        runs = [runs[0], runs[2]]
     serve(handle, SharedPrefixWorkload(2, 2, 16, 8, 4, vocab_size=vocab, seed=9), False)  # warm-up: kernels
     rows = []
     for label, workload, shuffle, disable, policy in runs:
@@ -136,13 +189,17 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cpu", action="store_true", help="miniature: qwen2-tiny, fp32, 2 x 4 x 32 / 8 / 4")
     p.add_argument("--model", default=None)
-    p.add_argument("--groups", type=int, default=64)
+    p.add_argument("--quick", action="store_true",
+                   help="only shared-prefix cache off vs on (lpm); 32 groups and 128 outputs unless given")
+    p.add_argument("--groups", type=int, default=None, help="default 64 (32 with --quick)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--system", type=int, default=2048)
     p.add_argument("--question", type=int, default=128)
-    p.add_argument("--outputs", type=int, default=256)
+    p.add_argument("--outputs", type=int, default=None, help="default 256 (128 with --quick)")
     p.add_argument("--max-running", type=int, default=128)
     args = p.parse_args(argv)
+    args.groups = args.groups or (32 if args.quick else 64)
+    args.outputs = args.outputs or (128 if args.quick else 256)
     if args.cpu:
         model, dtype, backend, graphs = args.model or "qwen2-tiny", "float32", "gloo", False
         shape = dict(G=2, P=4, S=32, Q=8, O=4)
@@ -155,11 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
         context = args.system + args.question + args.outputs + 16
         server = dict(max_running_requests=args.max_running, max_context_len=context,
                       max_total_tokens=args.max_running * context + args.groups * args.system + 4096)
-    rows = launch(worker, 1, model, dtype, shape, graphs, server, backend=backend, timeout=1800)[0]
+    rows = launch(worker, 1, model, dtype, shape, graphs, server, args.quick, backend=backend, timeout=1800)[0]
     base = next(r for r in rows if r["workload"] == "shared" and r["cache"] == "off")
     for r in rows:
         ref = next(b for b in rows if b["workload"] == r["workload"] and b["cache"] == "off")
-        r["speedup"] = r["total_tok_s"] / ref["total_tok_s"]
+        r["speedup"] = ref["wall_s"] / r["wall_s"]
+        r["ideal_speedup"] = ideal_speedup(ref["wall_s"], ref["prefill_s"], r["cached_prompt_tokens"] / r["prompt_tokens"])
+        r["share_of_ideal"] = share_of_ideal(r["speedup"], r["ideal_speedup"])
         r["ttft_p50_ms"], r["ttft_p90_ms"] = r["ttft_p50_s"] * 1e3, r["ttft_p90_s"] * 1e3
         r["tree_pct"] = 100 * r["tree_share"]
     print(f"{model}: G={shape['G']} P={shape['P']} S={shape['S']} Q={shape['Q']} O={shape['O']} ({dtype})")
@@ -167,8 +226,13 @@ def main(argv: list[str] | None = None) -> dict:
                               ("arrival", "arrival", ""), ("hit_rate", "hit", ".3f"), ("max_hit_rate", "max", ".3f"),
                               ("prefill_tokens_computed", "prefill tok", "d"), ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
                               ("ttft_p90_ms", "p90 ms", ".0f"), ("total_tok_s", "tok/s", ".0f"),
-                              ("speedup", "x off", ".2f"), ("tree_pct", "tree %", ".3f")]))
-    res = {"model": model, "dtype": dtype, "shape": shape, "server": server, "rows": rows,
+                              ("prefill_s", "prefill s", ".2f"), ("decode_s", "decode s", ".2f"),
+                              ("speedup", "x off", ".2f"), ("ideal_speedup", "ideal x", ".2f"),
+                              ("share_of_ideal", "of ideal", ".2f"), ("tree_pct", "tree %", ".3f")]))
+    for r in rows:
+        ops = ", ".join(f"{name} {calls} x {s / calls * 1e6:.0f} us" for name, (calls, s) in sorted(r["tree_ops"].items()))
+        print(f"tree ops, {r['workload']} cache {r['cache']} {r['policy']} {r['arrival']}: {ops}")
+    res = {"model": model, "dtype": dtype, "shape": shape, "server": server, "quick": args.quick, "rows": rows,
            "baseline_total_tok_s": base["total_tok_s"]}
     path = write_results("radix", res, bench_env("cpu" if args.cpu else None))
     print(f"wrote {path}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -123,6 +124,7 @@ class ReqToTokenPool:
         # pinned, so that a write's copy to the device is queued on the stream without waiting for it
         self.host = self.req_to_token if cpu else torch.zeros((size, max_context_len), dtype=torch.int32,
                                                               pin_memory=True)
+        self._host_np = self.host.numpy()  # the same memory; numpy indexes small slices faster than torch
         self.clear()
 
     def clear(self) -> None:
@@ -160,7 +162,7 @@ class ReqToTokenPool:
         """``req_to_token[row, start:start + len(slots)] = slots``."""
         end = start + len(slots)
         self._check_end(end)
-        self.host[row, start:end] = slots.to("cpu", torch.int32)
+        self._host_np[row, start:end] = slots.detach().to("cpu").numpy()
         if self.host is not self.req_to_token:  # asynchronous: the host never waits for the GPU here
             self.req_to_token[row, start:end].copy_(self.host[row, start:end], non_blocking=True)
 
@@ -182,7 +184,11 @@ class ReqToTokenPool:
 
     def read(self, row: int, n: int) -> torch.Tensor:
         """Positions ``[0, n)`` of ``row`` as int64 slots, from the host copy (no device sync)."""
-        return self.host[row, :n].to(torch.int64)
+        return torch.from_numpy(self.read_numpy(row, n))
+
+    def read_numpy(self, row: int, n: int, start: int = 0) -> np.ndarray:
+        """Positions ``[start, n)`` as a fresh int64 numpy array (for host bookkeeping that slices it)."""
+        return self._host_np[row, start:n].astype(np.int64)
 
     def _check_end(self, end: int) -> None:
         if end > self.max_context_len:
@@ -212,7 +218,8 @@ class TokenToKVPoolAllocator:
         """Mark every page free again. Pages are handed out in ascending order after a clear."""
         # A stack: the next page handed out is the last element.
         self._free_pages: list[int] = list(range(self.num_pages, 0, -1))
-        self._page_is_free = [False] + [True] * self.num_pages
+        self._page_is_free = np.ones(self.num_pages + 1, dtype=bool)  # numpy: a free checks all its pages at once
+        self._page_is_free[0] = False
 
     def available_size(self) -> int:
         """Free capacity in tokens (always a multiple of ``page_size``)."""
@@ -229,8 +236,7 @@ class TokenToKVPoolAllocator:
     def _take_pages(self, n: int) -> list[int]:
         pages = self._free_pages[len(self._free_pages) - n :][::-1] if n else []
         del self._free_pages[len(self._free_pages) - n :]
-        for p in pages:
-            self._page_is_free[p] = False
+        self._page_is_free[pages] = False
         return pages
 
     def _page_slots(self, pages: list[int]) -> torch.Tensor:
@@ -296,16 +302,26 @@ class TokenToKVPoolAllocator:
         """Free every page that contains one of ``indices`` (any device, any integer dtype)."""
         if indices.numel() == 0:
             return
-        pages = torch.unique(indices.detach().to("cpu", torch.int64) // self.page_size).tolist()
-        for p in pages:
-            if not 1 <= p <= self.num_pages:
-                raise ValueError(f"page {p} is not allocatable (page 0 is reserved, pages run 1..{self.num_pages}).")
-            if self._page_is_free[p]:
-                raise ValueError(f"double free of page {p} (slots {p * self.page_size}..{(p + 1) * self.page_size - 1}).")
-        for p in pages:
-            self._page_is_free[p] = True
+        ps = self.page_size
+        if indices.numel() <= 64:  # a few pages (a partial page, a short leaf): Python beats numpy's call cost
+            pages = sorted({s // ps for s in indices.tolist()})
+        else:  # sorted, once each; slots usually come in ascending runs, which need no sort
+            pages = indices.detach().to("cpu", torch.int64).numpy()
+            pages = pages // ps if ps > 1 else pages
+            if not (pages[1:] >= pages[:-1]).all():
+                pages = np.sort(pages)
+            new = pages[1:] != pages[:-1]
+            pages = pages if new.all() else pages[np.concatenate(([True], new))]
+        if pages[0] < 1 or pages[-1] > self.num_pages:
+            p = int(pages[0] if pages[0] < 1 else pages[-1])
+            raise ValueError(f"page {p} is not allocatable (page 0 is reserved, pages run 1..{self.num_pages}).")
+        twice = self._page_is_free[pages]
+        if twice.any():
+            p = int(pages[twice.argmax()])
+            raise ValueError(f"double free of page {p} (slots {p * ps}..{(p + 1) * ps - 1}).")
+        self._page_is_free[pages] = True
         # Freed pages are reused first (reversed so they come back out in ascending order).
-        self._free_pages.extend(reversed(pages))
+        self._free_pages.extend(pages[::-1] if type(pages) is list else pages[::-1].tolist())
 
 
 class MHATokenToKVPool:

@@ -1,8 +1,8 @@
 """RadixCache: a radix tree from token sequences to the KV-cache slots that hold them (SGLang).
 
 Each edge of the tree carries a run of tokens (``node.key``, a
-:class:`~hybridpar.radix.radix_key.RadixKey`: a view of a token list, sliced without copying) and
-the slots of their KV (``node.value``, int64 on the host, same length). The path from the root to a node spells a token
+:class:`~hybridpar.radix.radix_key.RadixKey` over a list of its own) and the slots of their KV
+(``node.value``, int64 on the host, same length). The path from the root to a node spells a token
 prefix; its KV is the concatenation of the values on that path, so requests that share a
 prompt prefix share its KV instead of recomputing it.
 
@@ -18,48 +18,34 @@ Invariants (verified by :meth:`RadixCache.check_integrity`):
   tokens are counted in ``protected_size``, the others in ``evictable_size``.
 * LRU: every match or insert stamps the nodes it walks with the next value of a logical
   clock, so a parent is never older than its children; :meth:`evict` frees unlocked leaves
-  oldest first. The clock is a counter, not wall time, so runs are reproducible. When a walk
-  ends inside a node, SGLang stamps the node *before* splitting it, so the unmatched lower half
-  counts as just used too (``lru_split="both"``, the default); ``lru_split="upper"`` refreshes
-  only the matched upper half (chapter 5's exercise asks which is the better LRU).
-* Host only: keys are Python lists, values CPU tensors; no tree operation touches the GPU.
+  oldest first (a :class:`~hybridpar.radix.tree_node.LeafHeap`). The clock is a counter, not wall
+  time, so runs are reproducible. When a walk ends inside a node, SGLang stamps it *before*
+  splitting it, so the unmatched lower half counts as just used too (``lru_split="both"``, the
+  default); ``lru_split="upper"`` refreshes only the matched upper half (chapter 5's exercise).
+* Host only: keys are Python lists, values int64 CPU tensors, and the request hooks read the
+  host copy of ``req_to_token``; no tree operation touches the GPU, so none waits for it. The
+  slots of a match go to the device only where :meth:`ReqToTokenPool.write` queues them.
+* Cheap hooks: a request's locked prefix is, by the lock, the path to ``req.last_node``; the request
+  hooks walk on from that node, stamping the path as a walk from the root would, without comparing it.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from hybridpar.radix.integrity import IntegrityError, check_integrity
 from hybridpar.core import Req
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.prefix_cache import BasePrefixCache, MatchResult
-from hybridpar.radix.radix_key import RadixKey
+from hybridpar.radix.radix_key import RadixKey, prompt_key, req_key
+from hybridpar.radix.tree_node import LeafHeap, TreeNode, lock, lock_down, stamp, unlock
 
 LRU_SPLIT_RULES = ("both", "upper")
-
-class TreeNode:
-    """One edge of the radix tree: ``key`` tokens whose KV lives in slots ``value``."""
-
-    __slots__ = ("id", "key", "value", "parent", "children", "lock_ref", "last_access_time")
-
-    def __init__(self, node_id: int, key: RadixKey, value: torch.Tensor, parent: TreeNode | None, now: int):
-        self.id = node_id
-        self.key = key
-        self.value = value
-        self.parent = parent
-        self.children: dict[Any, TreeNode] = {}
-        self.lock_ref = 0
-        self.last_access_time = now
-
-    def __lt__(self, other: TreeNode) -> bool:  # heap order for eviction: oldest first, ties by id
-        return (self.last_access_time, self.id) < (other.last_access_time, other.id)
-
-    def __repr__(self) -> str:
-        return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref}, t={self.last_access_time})"
+_NO_SLOTS = torch.empty(0, dtype=torch.int64)  # shared: an empty match or row made no tensor
 
 
 class RadixCache(BasePrefixCache):
@@ -71,14 +57,8 @@ class RadixCache(BasePrefixCache):
     stamp of a node that a walk splits (module docstring).
     """
 
-    def __init__(
-        self,
-        req_to_token_pool: ReqToTokenPool,
-        token_to_kv_pool_allocator: TokenToKVPoolAllocator,
-        page_size: int | None = None,
-        disable: bool = False,
-        lru_split: Literal["both", "upper"] = "both",
-    ) -> None:
+    def __init__(self, req_to_token_pool: ReqToTokenPool, token_to_kv_pool_allocator: TokenToKVPoolAllocator,
+                 page_size: int | None = None, disable: bool = False, lru_split: Literal["both", "upper"] = "both") -> None:
         if lru_split not in LRU_SPLIT_RULES:
             raise ValueError(f"lru_split={lru_split!r}; choose one of {LRU_SPLIT_RULES}.")
         if page_size is not None and page_size != token_to_kv_pool_allocator.page_size:
@@ -89,7 +69,7 @@ class RadixCache(BasePrefixCache):
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
         self.page_size = token_to_kv_pool_allocator.page_size
-        self.device = token_to_kv_pool_allocator.device
+        self.device = torch.device("cpu")  # node values and match results stay on the host
         self.disable = disable
         self.lru_split = lru_split
         self.reset()
@@ -99,10 +79,11 @@ class RadixCache(BasePrefixCache):
         """Forget the whole tree. Like SGLang's flush, the caller also clears both pools."""
         self._clock = 0
         self._next_id = 0
-        self.root_node = self._new_node(RadixKey([]), self._empty(), None)
+        self.root_node = self._new_node(RadixKey([]), _NO_SLOTS, None)
         self.root_node.lock_ref = 1  # the root is always protected and holds no tokens
         self._evictable_size = 0
         self._protected_size = 0
+        self._lru = LeafHeap(lambda: (n for n in self.nodes() if not n.children and n.lock_ref == 0))
 
     @property
     def clock(self) -> int:
@@ -128,8 +109,11 @@ class RadixCache(BasePrefixCache):
             stack.extend(node.children.values())
 
     # ---------------------------------------------------------------- helpers
-    def _empty(self) -> torch.Tensor:
-        return torch.empty(0, dtype=torch.int64, device=self.device)
+    def _cat(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """The slots of a path: one node's own tensor (not copied) or one ``torch.cat``."""
+        if len(values) == 1:
+            return values[0]
+        return torch.cat(values) if values else _NO_SLOTS
 
     def _tick(self) -> int:
         self._clock += 1
@@ -150,28 +134,31 @@ class RadixCache(BasePrefixCache):
     def _split(self, child: TreeNode, n: int) -> TreeNode:
         """Cut ``child`` after ``n`` tokens; returns the new upper node (same lock and time).
 
-        Both halves keep views of the same key list and value tensor: nothing is copied.
+        Both halves keep views of the same value tensor; each gets its own key list (see
+        :mod:`~hybridpar.radix.radix_key`: whole keys make later matches cheaper).
         """
-        upper = self._new_node(child.key[:n], child.value[:n], child.parent, child.last_access_time)
+        upper = self._new_node(child.key[:n].whole(), child.value[:n], child.parent, child.last_access_time)
         upper.lock_ref = child.lock_ref
         child.parent.children[child.key.page(self.page_size)] = upper
-        child.key, child.value, child.parent = child.key[n:], child.value[n:], upper
+        child.key, child.value, child.parent = child.key[n:].whole(), child.value[n:], upper
         upper.children[child.key.page(self.page_size)] = child
         return upper
 
-    def _walk(self, key: RadixKey) -> tuple[TreeNode, list[torch.Tensor], int]:
+    def _walk(self, key: RadixKey, node: TreeNode | None = None) -> tuple[TreeNode, list[torch.Tensor], int]:
         """Follow ``key`` (page aligned) from the root, splitting the node where it stops.
 
         Stamps every node on the path with a fresh clock value (under ``lru_split="both"`` the
         node where the walk stops is stamped before it is split, so its lower half is fresh too).
-        Returns the last node, the values along the path, and the matched length.
+        Returns the last node, the values along the path, and the matched length. Given ``node``,
+        the walk starts there, as if its path had been followed (stamped, not compared).
         """
         now = self._tick()
         ps, both = self.page_size, self.lru_split == "both"
-        node, values, pos = self.root_node, [], 0
-        node.last_access_time = now
-        while pos < len(key):
-            rest = key[pos:]
+        node, values, pos = node or self.root_node, [], 0
+        stamp(node, now)
+        tokens, start, end = key.token_ids, key.start, key.end
+        while start + pos < end:
+            rest = RadixKey(tokens, start + pos, end)
             child = node.children.get(rest.page(ps))
             if child is None:
                 break
@@ -179,11 +166,13 @@ class RadixCache(BasePrefixCache):
             if n < len(child.key):
                 if both:
                     child.last_access_time = now
+                self._lru.offer(child)  # what becomes the lower half: maybe a leaf with a new stamp
                 child = self._split(child, n)
             child.last_access_time = now
             values.append(child.value)
             pos += n
             node = child
+        self._lru.offer(node)
         return node, values, pos
 
     def path_to_root(self, node: TreeNode) -> list[TreeNode]:
@@ -207,11 +196,13 @@ class RadixCache(BasePrefixCache):
         LRU time of the matched path. Never allocates or frees slots.
         """
         key = RadixKey.of(key)
-        key = key[: self._aligned(len(key))]
+        return self._match(key[: self._aligned(len(key))])
+
+    def _match(self, key: RadixKey) -> MatchResult:
         if self.disable or not len(key):
-            return MatchResult(self._empty(), self.root_node)
+            return MatchResult(_NO_SLOTS, self.root_node)
         node, values, _ = self._walk(key)
-        return MatchResult(torch.cat(values) if values else self._empty(), node)
+        return MatchResult(self._cat(values), node)
 
     def prefix_len(self, key: Sequence[int] | torch.Tensor) -> int:
         """Length of the longest cached prefix of ``key`` in whole pages, without side effects.
@@ -243,8 +234,8 @@ class RadixCache(BasePrefixCache):
         produces the logits of its next token. Sets ``req.prefix_indices`` and
         ``req.last_node`` (not locked: lock before anything can evict).
         """
-        ids = req.all_ids
-        result = self.match_prefix(ids[: max(len(ids) - 1, 0)])
+        key = prompt_key(req)
+        result = self._match(key[: self._aligned(len(key))])
         req.prefix_indices, req.last_node = result.device_indices, result.last_node
         return result
 
@@ -263,21 +254,26 @@ class RadixCache(BasePrefixCache):
                 f"insert needs len(key) % page_size == 0 and len(value) == len(key), got {len(key)}, "
                 f"{len(value)} with page_size={self.page_size}; truncate both to len(key) // page_size * page_size."
             )
-        node, _, prefix_len = self._walk(key)
+        return self._insert(key, lambda lo, hi: value[lo:hi].to("cpu", torch.int64).clone())[2]
+
+    def _insert(self, key: RadixKey, slots: Callable[[int, int], torch.Tensor],
+                node: TreeNode | None = None) -> tuple[TreeNode, list[torch.Tensor], int]:
+        """:meth:`insert`, walking from ``node`` (see :meth:`_walk`); ``slots(lo, hi)`` is the new leaf's
+        own value for ``key[lo:hi]``. Returns the node that ends at ``len(key)``, the values of the walked
+        path (the new leaf's excluded) and the length of ``key`` that was already cached."""
+        node, values, prefix_len = self._walk(key, node)
         if prefix_len < len(key):
             # the new leaf comes after everything the walk stamped (a node split on the way stays a
             # tick older, as in SGLang, where the leaf is created after the walk's stamps)
             now = self._tick()
-            leaf = self._new_node(  # the leaf's own copy of its tokens and slots
-                RadixKey(key[prefix_len:].tolist()), value[prefix_len:].to(self.device, torch.int64).clone(), node, now
-            )
-            up = node
-            while up is not None:
-                up.last_access_time = now
-                up = up.parent
+            tokens = key.token_ids[key.start + prefix_len:key.end]  # the leaf's own copy of its tokens
+            leaf = self._new_node(RadixKey(tokens), slots(prefix_len, len(key)), node, now)
+            stamp(node, now)
             node.children[leaf.key.page(self.page_size)] = leaf
             self._evictable_size += len(leaf.key)
-        return prefix_len
+            self._lru.offer(leaf)
+            node = leaf
+        return node, values, prefix_len
 
     def evict(self, num_tokens: int) -> int:
         """Free at least ``num_tokens`` cached tokens, least recently used leaves first.
@@ -287,57 +283,66 @@ class RadixCache(BasePrefixCache):
         """
         if self.disable or num_tokens <= 0:
             return 0
-        heap = [n for n in self.nodes() if not n.children and n.lock_ref == 0]
-        heapq.heapify(heap)
         evicted = 0
-        while evicted < num_tokens and heap:
-            node = heapq.heappop(heap)
+        while evicted < num_tokens:
+            node = self._lru.pop()
+            if node is None:
+                break
             self.token_to_kv_pool_allocator.free(node.value)
             evicted += len(node.key)
             self._evictable_size -= len(node.key)
-            parent = node.parent
+            parent, node.parent = node.parent, None  # detached: path_to_root and the heap refuse it now
             del parent.children[node.key.page(self.page_size)]
-            if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, parent)
+            self._lru.offer(parent)
         return evicted
 
     def inc_lock_ref(self, node: TreeNode) -> int:
         """Lock ``node`` and its ancestors; returns the change of ``evictable_size`` (<= 0)."""
-        if self.disable:
-            return 0
-        delta = 0
-        for n in self.path_to_root(node):
-            if n.lock_ref == 0:
-                delta -= len(n.key)
-            n.lock_ref += 1
-        self._evictable_size += delta
-        self._protected_size -= delta
-        return delta
+        return 0 if self.disable else self._protect(lock(self.path_to_root(node)))
 
     def dec_lock_ref(self, node: TreeNode) -> int:
         """Release one lock taken by :meth:`inc_lock_ref`; returns the change of ``evictable_size`` (>= 0)."""
-        if self.disable:
-            return 0
-        path = self.path_to_root(node)
-        for n in path:
-            if n.lock_ref < 1:
-                raise IntegrityError(f"dec_lock_ref would make lock_ref negative at {n}; every dec needs a matching inc.")
-        delta = 0
-        for n in path:
-            n.lock_ref -= 1
-            if n.lock_ref == 0:
-                delta += len(n.key)
-        self._evictable_size += delta
-        self._protected_size -= delta
+        return 0 if self.disable else self._release(self.path_to_root(node))
+
+    def _release(self, path: list[TreeNode]) -> int:
+        """Unlock ``path`` (a node's path to the root); its lowest node may become an evictable leaf."""
+        delta = self._protect(unlock(path))
+        if path:
+            self._lru.offer(path[0])
         return delta
 
+    def _protect(self, tokens: int) -> int:
+        """Move ``tokens`` from the evictable to the protected counter; returns the evictable change."""
+        self._evictable_size -= tokens
+        self._protected_size += tokens
+        return -tokens
+
     # ------------------------------------------------------------ request hooks
-    def _row(self, req: Req) -> torch.Tensor:
+    def _row(self, req: Req, start: int = 0) -> np.ndarray:
+        """The request's slots ``[start, kv_len)``, int64, from the host copy of its row (a fresh array)."""
         if req.req_pool_idx is None:
             raise ValueError(f"request {req.rid!r} has no req_to_token row; admit it with start_req() first.")
-        if req.kv_len > len(req.all_ids):
+        if req.kv_len > len(req.origin_input_ids) + len(req.output_ids):
             raise ValueError(f"request {req.rid!r}: kv_len={req.kv_len} exceeds its {len(req.all_ids)} tokens.")
-        return self.req_to_token_pool.read(req.req_pool_idx, req.kv_len).to(self.device)
+        return self.req_to_token_pool.read_numpy(req.req_pool_idx, req.kv_len, start)
+
+    def _insert_req(self, req: Req, slots: np.ndarray) -> tuple[TreeNode, list[torch.Tensor], int, list[TreeNode]]:
+        """Insert the page-aligned part of ``all_ids[:kv_len]``, walking on from the request's locked
+        node; ``slots`` holds the row's positions ``[kv_len - len(slots), kv_len)`` (from
+        ``cache_protected_len`` on, or more). Returns :meth:`_insert`'s three results (the length
+        counted from the start of the request) and the path of the locked node, checked to be attached."""
+        start, p = req.last_node or self.root_node, req.cache_protected_len
+        path = self.path_to_root(start)
+        if sum(len(n.key) for n in path) != p:
+            raise IntegrityError(f"request {req.rid!r}: its locked prefix of {p} tokens left the tree.")
+        aligned, at = self._aligned(req.kv_len), p - req.kv_len + len(slots)  # position p's index in slots
+        node, values, cached = self._insert(req_key(req, aligned, p),
+                                            lambda lo, hi: torch.from_numpy(slots[at + lo:at + hi].copy()), start)
+        return node, values, p + cached, path
+
+    def _free(self, slots: np.ndarray) -> None:
+        if len(slots):
+            self.token_to_kv_pool_allocator.free(torch.from_numpy(slots))
 
     def cache_finished_req(self, req: Req) -> None:
         """Hand a finished request's KV to the tree and release everything it holds.
@@ -346,46 +351,42 @@ class RadixCache(BasePrefixCache):
         tokens someone else cached meanwhile are freed, and so is the unaligned tail (its
         page belongs to this request alone). The lock and the req_to_token row are released.
         """
-        row = self._row(req)
+        p = req.cache_protected_len
+        slots = self._row(req, p)  # positions [p, kv_len)
         if self.disable:
-            self.token_to_kv_pool_allocator.free(row)
+            self._free(slots)
         else:
-            aligned = self._aligned(req.kv_len)
-            prefix_len = self.insert(req.all_ids[:aligned], row[:aligned])
-            if prefix_len < req.cache_protected_len:
-                raise IntegrityError(f"request {req.rid!r}: its locked prefix of {req.cache_protected_len} tokens left the tree.")
-            self.token_to_kv_pool_allocator.free(row[req.cache_protected_len : prefix_len])
-            self.token_to_kv_pool_allocator.free(row[aligned:])
-            if req.last_node is not None:
-                self.dec_lock_ref(req.last_node)
+            _, _, prefix_len, locked = self._insert_req(req, slots)
+            self._free(slots[:prefix_len - p])
+            self._free(slots[self._aligned(req.kv_len) - p:])
+            self._release(locked)
         self.req_to_token_pool.free(req.req_pool_idx)
         req.req_pool_idx, req.last_node, req.cache_protected_len = None, None, 0
-        req.prefix_indices = self._empty()
+        req.prefix_indices = _NO_SLOTS
 
     def cache_unfinished_req(self, req: Req) -> None:
         """Cache the KV computed so far by a running request (after a chunked-prefill step).
 
-        Inserts the page-aligned part of ``all_ids[:kv_len]``, frees duplicates, points the
-        row at the tree's slots, moves the request's lock down to the new last node and sets
-        ``prefix_indices`` to the whole row (the partial last page stays the request's own).
+        Inserts the page-aligned part of ``all_ids[:kv_len]``, frees duplicates and points the row
+        at the tree's slots instead, marks the path used as a match of it would, moves the
+        request's lock down to the new last node and sets ``prefix_indices`` to the whole row (the
+        partial last page stays the request's own).
         """
-        row = self._row(req)
+        slots = self._row(req)
         if not self.disable:
+            p, old = req.cache_protected_len, req.last_node
+            node, values, prefix_len, _ = self._insert_req(req, slots)
             aligned = self._aligned(req.kv_len)
-            key = req.all_ids[:aligned]
-            prefix_len = self.insert(key, row[:aligned])
-            if prefix_len < req.cache_protected_len:
-                raise IntegrityError(f"request {req.rid!r}: its locked prefix of {req.cache_protected_len} tokens left the tree.")
-            self.token_to_kv_pool_allocator.free(row[req.cache_protected_len : prefix_len])
-            match = self.match_prefix(key)
-            if match.prefix_len != aligned:
-                raise IntegrityError(f"request {req.rid!r}: matched {match.prefix_len} of {aligned} tokens just inserted.")
-            self.req_to_token_pool.write(req.req_pool_idx, req.cache_protected_len, match.device_indices[req.cache_protected_len :])
-            self.inc_lock_ref(match.last_node)
-            if req.last_node is not None:
-                self.dec_lock_ref(req.last_node)
-            req.last_node, req.cache_protected_len = match.last_node, aligned
-        req.prefix_indices = self._row(req)
+            if prefix_len > p:
+                self._free(slots[p:prefix_len])
+                tree_slots = self._cat(values)
+                self.req_to_token_pool.write(req.req_pool_idx, p, tree_slots)
+                slots[p:prefix_len] = tree_slots.numpy()
+            if aligned:
+                stamp(node, self._tick())
+            self._protect(lock_down(old or self.root_node, node))
+            req.last_node, req.cache_protected_len = node, aligned
+        req.prefix_indices = torch.from_numpy(slots)
 
     def check_integrity(self, reqs: Sequence[Req] | None = None, locked_nodes: Sequence[TreeNode] = ()) -> None:
         """Raise :class:`IntegrityError` unless tree, counters, pools and requests agree.

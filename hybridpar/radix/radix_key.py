@@ -1,11 +1,13 @@
 """RadixKey: a run of token ids that the radix tree slices and compares without copying (SGLang's ``RadixKey``).
 
 A key is a view ``token_ids[start:end]`` of one Python list. Slicing a key makes another view of
-the same list, so splitting a node, walking a request's prompt down the tree or cutting a key at
-a page boundary copies no tokens; only a leaf that :meth:`RadixCache.insert` adds copies its own
-new tokens once. Comparisons run a page at a time in C: two keys are compared by slicing both
-lists over the same range (one ``memcmp``-like pass), and where they differ a binary search over
-pages finds the first differing page, so no Python loop ever walks tokens one by one.
+the same list, so walking a request's prompt down the tree or cutting a key at a page boundary
+copies no tokens. The tree's own keys are whole lists (:meth:`whole`): a leaf copies its new tokens
+once, and a split gives both halves their own lists, so that the frequent comparison of a node with
+a request needs one slice (of the request's list), not two. Comparisons run a page at a time in
+C: two keys are compared by slicing the lists over the same range (one ``memcmp``-like pass), and
+where they differ a binary search over pages finds the first differing page, so no Python loop
+ever walks tokens one by one.
 
 A key compares equal to a tuple or list of the same tokens and iterates as ints, so tests and
 views can treat it like the tuple it replaces.
@@ -16,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+
+from hybridpar.core import Req
 
 
 class RadixKey:
@@ -65,12 +69,18 @@ class RadixKey:
             return self.token_ids[self.start]
         return tuple(self.token_ids[self.start:self.start + page_size])
 
+    def whole(self) -> RadixKey:
+        """This key over a list of its own (``self`` if it already spans its whole list)."""
+        if self.start == 0 and self.end == len(self.token_ids):
+            return self
+        return RadixKey(self.token_ids[self.start:self.end])
+
     def match_len(self, other: RadixKey, page_size: int) -> int:
         """Length of the common prefix of two page-aligned keys, in whole pages."""
         n = min(self.end - self.start, other.end - other.start)
         a, b, i, j = self.token_ids, other.token_ids, self.start, other.start
-        if a[i:i + n] == b[j:j + n]:
-            return n  # the common case: one key is a prefix of the other
+        if (a if i == 0 and n == len(a) else a[i:i + n]) == b[j:j + n]:
+            return n  # the common case: one key is a prefix of the other (a whole node key is not sliced)
         lo, hi = 0, n // page_size  # pages [0, lo) agree, pages [0, hi) do not
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -100,3 +110,18 @@ class RadixKey:
 
     def __repr__(self) -> str:
         return f"RadixKey({self.tolist()!r})"
+
+
+def req_key(req: Req, end: int, start: int = 0) -> RadixKey:
+    """Tokens ``[start, end)`` of ``req.all_ids`` as a key: a view of the prompt list when they lie in
+    it (no copy), else a copy of just those tokens."""
+    ids = req.origin_input_ids
+    if type(ids) is list and end <= len(ids):
+        return RadixKey(ids, start, end)
+    n = len(ids)
+    return RadixKey(list(ids[start:]) + req.output_ids[max(start - n, 0):end - n])
+
+
+def prompt_key(req: Req) -> RadixKey:
+    """What admission matches: ``req.all_ids`` but its last token, which is always computed."""
+    return req_key(req, max(len(req.origin_input_ids) + len(req.output_ids) - 1, 0))

@@ -45,6 +45,7 @@ import torch
 from hybridpar.radix.allocation import alloc_for_extend, start_req
 from hybridpar.radix.mem_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from hybridpar.radix.radix_cache import RadixCache
+from hybridpar.radix.radix_key import prompt_key, req_key
 from hybridpar.core import ServeReq
 
 
@@ -69,7 +70,7 @@ class SchedulePolicy:
         waiting.sort(key=lambda r: r.arrival_seq)
         if self.policy == "fcfs" or self.tree_cache.disable or len(waiting) > LPM_MAX_QUEUE:
             return
-        cached = {id(r): self.tree_cache.prefix_len(r.all_ids[: max(len(r.all_ids) - 1, 0)]) for r in waiting}
+        cached = {id(r): self.tree_cache.prefix_len(prompt_key(r)) for r in waiting}
         waiting.sort(key=lambda r: -cached[id(r)])  # stable: ties keep arrival order
 
 
@@ -90,9 +91,9 @@ class InBatchPrefixFilter:
 
     def holds_back(self, req: ServeReq) -> bool:
         """Whether ``req`` (not admitted yet: it holds no row) should wait for a later step."""
-        ids = req.all_ids
-        cached = self.tree_cache.prefix_len(ids[: max(len(ids) - 1, 0)])
-        return self.batch.prefix_len(ids) - cached >= self.deprioritize_threshold
+        cached = self.tree_cache.prefix_len(prompt_key(req))
+        return self.batch.prefix_len(req_key(req, len(req.origin_input_ids) + len(req.output_ids))) - cached \
+            >= self.deprioritize_threshold
 
     def admit(self, req: ServeReq) -> None:
         """Record that this step computes ``req``'s prompt."""
