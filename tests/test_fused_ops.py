@@ -69,6 +69,9 @@ def test_rotary_on_qkv_views(dtype: torch.dtype) -> None:
     qkv = torch.randn(6, (8 + 2 + 2) * 64, generator=gen).to(DEVICE, dtype)
     q, k = qkv[:, :512].view(6, 8, 64), qkv[:, 512:640].view(6, 2, 64)
     pos = torch.tensor([0, 1, 7, 100, 2047, 4095], device=DEVICE)
+    table = rot.cos_sin_table(dtype, torch.device(DEVICE))  # the kernel's cos/sin are the PyTorch path's own
+    cos, sin = rot.cos_sin(pos, dtype)
+    assert torch.equal(table[pos, :32], cos[:, 0, :32]) and torch.equal(table[pos, 32:], sin[:, 0, :32])
     (qf, kf), (qr, kr) = both(lambda: rot(pos, q, k))
     assert qf.is_contiguous() and kf.is_contiguous()
     # cos/sin are PyTorch's own (the table) and every product rounds where PyTorch's does; a GPU

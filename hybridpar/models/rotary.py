@@ -12,7 +12,6 @@ to the activation dtype, the rotation done in the activation dtype.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -54,15 +53,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-@functools.lru_cache(maxsize=16)
-def cos_sin_table(rope: RopeConfig, head_dim: int, max_positions: int, dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
-    """``[max_positions, head_dim]``: row ``p`` is ``cos`` then ``sin`` of position ``p``'s ``head_dim / 2``
-    angles in ``dtype``, the values :meth:`RotaryEmbedding.cos_sin` computes. One table per model
-    (every layer shares it), for the fused RoPE kernel to look up."""
-    positions = torch.arange(max_positions, device=device)
-    freqs = positions.to(torch.float32)[:, None] * inverse_frequencies(rope, head_dim).to(device)[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+_TABLES: dict[tuple, torch.Tensor] = {}  # cos/sin tables shared by every layer with the same frequencies
 
 
 class RotaryEmbedding(nn.Module):
@@ -87,11 +78,25 @@ class RotaryEmbedding(nn.Module):
         if use_fused(q):
             from hybridpar.models.triton_ops import rotary, rotary_supported
 
-            if rotary_supported(q, k):  # the table is built at the first (eager) call, before any graph capture
-                table = cos_sin_table(self.rope, self.head_dim, self.max_positions, q.dtype, q.device)
-                return rotary(positions, table, q, k)
+            if rotary_supported(q, k):
+                return rotary(positions, self.cos_sin_table(q.dtype, q.device), q, k)
         cos, sin = self.cos_sin(positions, q.dtype)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    def cos_sin_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``[max_positions, head_dim]``: row ``p`` is ``cos`` then ``sin`` of position ``p``'s angles, made by
+        :meth:`cos_sin` itself, so the fused kernel reads exactly the values the PyTorch path computes
+        (down to where ``inv_freq`` was computed: on a GPU, ``pow`` may round differently than on the
+        CPU). One table per frequency set, dtype and device, shared by every layer; built at the
+        first call, which is eager (prefill, or a graph's warm-up), never inside a capture."""
+        if getattr(self, "_table_key", None) is None:
+            self._table_key = (tuple(self.inv_freq.tolist()), self.max_positions)
+        key = (*self._table_key, dtype, torch.device(device))
+        if key not in _TABLES:
+            cos, sin = self.cos_sin(torch.arange(self.max_positions, device=device), dtype)
+            half = self.head_dim // 2
+            _TABLES[key] = torch.cat((cos[:, 0, :half], sin[:, 0, :half]), dim=-1).contiguous()
+        return _TABLES[key]
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.rope.theta}, type={self.rope.rope_type}"

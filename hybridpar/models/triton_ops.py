@@ -19,7 +19,7 @@ where the CPU tests run them in float32, they are bitwise equal.
 * :func:`store_kv`: a decode step's new K and V written to their slots of the pool, one kernel.
 * :func:`rotary`: Q and K rotated by their positions, written to new contiguous tensors (so
   attention kernels get dense queries). ``cos``/``sin`` come from a table that PyTorch computed
-  once per model (:func:`~hybridpar.models.rotary.cos_sin_table`), so they are PyTorch's own values:
+  once per model (:meth:`~hybridpar.models.rotary.RotaryEmbedding.cos_sin_table`), so they are PyTorch's own values:
   a GPU's fast ``cos`` drifts at the large angles of long positions.
 
 Import needs Triton; :mod:`hybridpar.models.fused_ops` decides when these run.
@@ -142,7 +142,7 @@ def rotary(positions: torch.Tensor, cos_sin: torch.Tensor, q: torch.Tensor, k: t
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE ("rotate half" layout) of ``q [T, Hq, d]`` and ``k [T, Hk, d]`` (strided views allowed);
     new contiguous tensors. ``cos_sin [max_positions, d]``: row ``p`` holds ``cos`` then ``sin`` of
-    position ``p``'s ``d/2`` angles, in q's dtype (:func:`~hybridpar.models.rotary.cos_sin_table`)."""
+    position ``p``'s ``d/2`` angles, in q's dtype (:meth:`~hybridpar.models.rotary.RotaryEmbedding.cos_sin_table`)."""
     t, hq, d = q.shape
     hk = k.shape[1]
     if not rotary_supported(q, k):
