@@ -52,7 +52,10 @@ book: venv
 	$(BIN)/python -m hybridpar.book build
 
 ## The whole test suite (unit, multi-rank gloo, notebooks via nbval, the built book in headless Chromium).
+## Triton comes with a CUDA torch; on a CPU machine it is added (unpinned, like torch's other packages)
+## so that the GPU kernels' tests run in Triton's interpreter; they skip if it cannot be installed.
 test: venv
+	@$(BIN)/python -c "import triton" 2>/dev/null || $(PIP) triton || echo "[hybridpar] no triton: the Triton kernels' CPU tests will skip"
 	$(BIN)/python -m pytest
 
 ## Re-execute the labs and store their outputs and widget state (refuses GPU labs on CPU machines).
