@@ -13,7 +13,8 @@ module                                 concept
 :mod:`~.model_wrapper`                 ``TPRadixAttentionModelWrapper``
 :mod:`~.decode_attention`              batched decode attention (no per-request loop)
 :mod:`~.cuda_graph`                    CUDA-graph capture/replay of the decode step
-:mod:`~.fused_ops`                     opt-in ``torch.compile`` of RMSNorm/RoPE/SwiGLU
+:mod:`~.fused_ops`                     when the fused Triton kernels run (GPU default)
+:mod:`~.triton_ops`                    RMSNorm(+residual), RoPE, SwiGLU, KV write kernels
 :mod:`~.shard_report`                  per-rank shard reports for notebooks
 :mod:`~.verify`                        TP vs transformers check (CLI)
 =====================================  ===============================================
