@@ -91,9 +91,10 @@ class InBatchPrefixFilter:
 
     def holds_back(self, req: ServeReq) -> bool:
         """Whether ``req`` (not admitted yet: it holds no row) should wait for a later step."""
-        cached = self.tree_cache.prefix_len(prompt_key(req))
-        return self.batch.prefix_len(req_key(req, len(req.origin_input_ids) + len(req.output_ids))) - cached \
-            >= self.deprioritize_threshold
+        shared = self.batch.prefix_len(req_key(req, len(req.origin_input_ids) + len(req.output_ids)))
+        if shared < self.deprioritize_threshold:  # shares too little with the batch: no need to ask the tree
+            return False
+        return shared - self.tree_cache.prefix_len(prompt_key(req)) >= self.deprioritize_threshold
 
     def admit(self, req: ServeReq) -> None:
         """Record that this step computes ``req``'s prompt."""
