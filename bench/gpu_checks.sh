@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # NCCL correctness checks on a 2-GPU machine (the device tool's nvidia-h200-x2; verify4 on nvidia-h200-x4), logs under $OUT.
-#   bash bench/gpu_checks.sh [tests|verify|labs ...]   (default: tests verify)
+#   bash bench/gpu_checks.sh [tests|verify|kernels|serving|labs ...]   (default: tests verify; kernels and serving: one GPU)
 # The GPU image has torch and transformers but no Jupyter/pytest stack: wheels for those are
 # carried in .whl/ (see bench/results/README.md) and installed into /tmp/site.
 set -uo pipefail
@@ -26,6 +26,11 @@ for what in "${@:-tests verify}"; do for w in $what; do case $w in
     run gpu_tests python3 -m pytest -p no:cacheprovider -q -m gpu $(grep -l "mark.gpu" tests/test_*.py) ;;
   serving)
     run serving_smoke python3 bench/gpu_serve_smoke.py ;;
+  kernels)  # one GPU: the Triton kernels against the PyTorch path, and the fast path against transformers in bf16
+    run fused_ops python3 -m pytest -p no:cacheprovider -q tests/test_fused_ops.py
+    run decode_kernels python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_attention_backends.py tests/test_decode_fast_path.py
+    run verify_tp1_bf16 python3 -m hybridpar.models.verify --tp 1 --dtype bf16 --backend nccl
+    run verify_llama_tp1_bf16 python3 -m hybridpar.models.verify --tp 1 --dtype bf16 --backend nccl --model-name llama-tiny ;;
   verify)
     run verify_tp2_fp32 python3 -m hybridpar.models.verify --tp 2 --dtype fp32 --backend nccl
     run verify_tp2_bf16 python3 -m hybridpar.models.verify --tp 2 --dtype bf16 --backend nccl
