@@ -3,8 +3,9 @@
 For each model shape (random bf16 weights drawn on the GPU) and batch size ``B``, every request
 has about ``--context`` tokens of KV (random values: timing does not depend on them) and the step
 adds one token to each. The ways to run the same step, each timed as the median of ``--iters``
-steps with CUDA events, the host's work included (input preparation, greedy argmax, copying the
-``B`` token ids back):
+steps with CUDA events after the same three untimed steps at the measured shape (a graph is
+captured in them), the host's work included (input preparation, greedy argmax, copying the
+``B`` token ids back), with the fastest and slowest step beside the median:
 
 * ``reference``: the model's forward over :class:`~hybridpar.models.attention_backend.ContiguousKVCache`
   (what ``generate`` did before the fast path; kernels launched one by one from Python);
@@ -138,11 +139,12 @@ def worker(models: list[str], batches: list[int], context: int, iters: int, mode
             with torch.no_grad():
                 for mode, fn in fns.items():
                     try:
-                        t = median(time_fn(fn, device, iters=iters, warmup=3))
+                        samples = time_fn(fn, device, iters=iters, warmup=3)
                     except Exception as exc:  # report and go on with the other modes
                         row[f"{mode}_error"] = f"{type(exc).__name__}: {exc}"[:500]
                         continue
-                    row[f"{mode}_s"] = t
+                    t = median(samples)
+                    row[f"{mode}_s"], row[f"{mode}_min_s"], row[f"{mode}_max_s"] = t, min(samples), max(samples)
                     row[f"{mode}_tok_s"] = batch / t
                     row[f"{mode}_roofline_frac"] = roof / t
             rows.append(row)
@@ -182,9 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
         r["roofline_ms"] = f"{r['roofline_s'] * 1e3:.3f}"
         for m in modes:
             r[f"{m}_ms"] = r[f"{m}_s"] * 1e3 if f"{m}_s" in r else None
+            r[f"{m}_spread"] = f"{r[f'{m}_min_s'] * 1e3:.3f}..{r[f'{m}_max_s'] * 1e3:.3f}" if f"{m}_s" in r else None
     cols = [("model", "model", ""), ("batch", "B", "d"), ("roofline_ms", "roof ms", "")]
     for m in modes:
-        cols += [(f"{m}_ms", f"{m} ms", ".3f"), (f"{m}_tok_s", "tok/s", ".0f"), (f"{m}_roofline_frac", "of roof", ".2f")]
+        cols += [(f"{m}_ms", f"{m} ms", ".3f"), (f"{m}_spread", "min..max", ""), (f"{m}_roofline_frac", "of roof", ".2f")]
     print(format_table(res["rows"], cols))
     path = write_results("decode" + args.tag, res, bench_env("cpu" if args.cpu else None))
     print(f"wrote {path}")

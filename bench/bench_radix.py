@@ -20,6 +20,10 @@ and the wall time spent inside radix-tree operations (``match_prefix``, ``prefix
 ``insert``, ``evict``, lock changes, ``cache_*_req``; outermost calls timed, per operation too)
 as a share of the run.
 
+Fairness: every configuration first runs once, untimed, at the measured shape (kernels, graph
+buckets, allocator), then ``--runs`` timed runs each (3), the configurations taking turns; each
+row is the median run by wall time, with the fastest and slowest wall time beside it.
+
 **The ideal speedup.** Every step of every run is timed by kind (``perf_counter`` around
 ``TPScheduler.step``, whose leader ends in a host read of the sampled tokens, so a step's time is
 its GPU time too). Assume that a prefill step's time is proportional to the prompt tokens it
@@ -156,7 +160,8 @@ def serve(handle: ModelHandle, workload: SharedPrefixWorkload, shuffle: bool, **
     }
 
 
-def worker(model_name: str, dtype_name: str, shape: dict, graphs: bool, server: dict, quick: bool) -> list[dict]:
+def worker(model_name: str, dtype_name: str, shape: dict, graphs: bool, server: dict, quick: bool,
+           timed_runs: int = 3) -> list[dict]:
     initialize_tensor_parallel(1)
     device = current_device()
     model = build_model(model_name, device, getattr(torch, dtype_name), get_tp_group())
@@ -175,12 +180,23 @@ def worker(model_name: str, dtype_name: str, shape: dict, graphs: bool, server: 
     ]
     if quick:  # the comparison the targets name: cache off vs on with LPM
         runs = [runs[0], runs[2]]
-    serve(handle, SharedPrefixWorkload(2, 2, 16, 8, 4, vocab_size=vocab, seed=9), False)  # warm-up: kernels
+
+    def once(workload, shuffle, disable, policy) -> dict:
+        return serve(handle, workload, shuffle, disable_radix_cache=disable, schedule_policy=policy)
+
+    for _, *config in runs:  # warm-up: every configuration once at the measured shape (kernels, graph buckets)
+        once(*config)
+    samples: list[list[dict]] = [[] for _ in runs]
+    for _ in range(timed_runs):  # the configurations take turns, so a drift of the machine hits all alike
+        for i, (_, *config) in enumerate(runs):
+            samples[i].append(once(*config))
     rows = []
-    for label, workload, shuffle, disable, policy in runs:
+    for (label, workload, shuffle, disable, policy), done in zip(runs, samples):
+        done.sort(key=lambda r: r["wall_s"])
         row = {"workload": label, "arrival": "shuffled" if shuffle else "ordered",
                "cache": "off" if disable else "on", "policy": policy}
-        row.update(serve(handle, workload, shuffle, disable_radix_cache=disable, schedule_policy=policy))
+        row.update(done[len(done) // 2])  # the median run (odd --runs), with its own hit rate, TTFT and tree time
+        row.update(runs=len(done), wall_s_min=done[0]["wall_s"], wall_s_max=done[-1]["wall_s"])
         rows.append(row)
     return rows
 
@@ -197,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--question", type=int, default=128)
     p.add_argument("--outputs", type=int, default=None, help="default 256 (128 with --quick)")
     p.add_argument("--max-running", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3,
+                   help="timed runs per configuration, in turns, after one warm-up run each (the median run is reported)")
     args = p.parse_args(argv)
     args.groups = args.groups or (32 if args.quick else 64)
     args.outputs = args.outputs or (128 if args.quick else 256)
@@ -212,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
         context = args.system + args.question + args.outputs + 16
         server = dict(max_running_requests=args.max_running, max_context_len=context,
                       max_total_tokens=args.max_running * context + args.groups * args.system + 4096)
-    rows = launch(worker, 1, model, dtype, shape, graphs, server, args.quick, backend=backend, timeout=1800)[0]
+    rows = launch(worker, 1, model, dtype, shape, graphs, server, args.quick, args.runs, backend=backend,
+                  timeout=3600)[0]
     base = next(r for r in rows if r["workload"] == "shared" and r["cache"] == "off")
     for r in rows:
         ref = next(b for b in rows if b["workload"] == r["workload"] and b["cache"] == "off")
@@ -226,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                               ("arrival", "arrival", ""), ("hit_rate", "hit", ".3f"), ("max_hit_rate", "max", ".3f"),
                               ("prefill_tokens_computed", "prefill tok", "d"), ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
                               ("ttft_p90_ms", "p90 ms", ".0f"), ("total_tok_s", "tok/s", ".0f"),
+                              ("wall_s", "wall s", ".2f"), ("wall_s_min", "min", ".2f"), ("wall_s_max", "max", ".2f"),
                               ("prefill_s", "prefill s", ".2f"), ("decode_s", "decode s", ".2f"),
                               ("speedup", "x off", ".2f"), ("ideal_speedup", "ideal x", ".2f"),
                               ("share_of_ideal", "of ideal", ".2f"), ("tree_pct", "tree %", ".3f")]))
