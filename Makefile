@@ -10,6 +10,7 @@ PY            ?= python3
 VENV          ?= .venv
 BIN           := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.9.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS        ?= test,book,ray
 # The lock: exact versions of everything but torch (see `make lock`). Empty = newest allowed.
@@ -52,10 +53,11 @@ book: venv
 	$(BIN)/python -m hybridpar.book build
 
 ## The whole test suite (unit, multi-rank gloo, notebooks via nbval, the built book in headless Chromium).
-## Triton comes with a CUDA torch; on a CPU machine it is added (unpinned, like torch's other packages)
-## so that the GPU kernels' tests run in Triton's interpreter; they skip if it cannot be installed.
+## Triton comes with a CUDA torch and is left as it is; on a CPU machine triton==$(TRITON_VERSION) is added
+## (out of the lock, like torch's other packages) so that the GPU kernels' tests run in Triton's
+## interpreter; they skip if it cannot be installed.
 test: venv
-	@$(BIN)/python -c "import triton" 2>/dev/null || $(PIP) triton || echo "[hybridpar] no triton: the Triton kernels' CPU tests will skip"
+	@$(BIN)/python -c "import triton" 2>/dev/null || $(PIP) "triton==$(TRITON_VERSION)" || echo "[hybridpar] no triton: the Triton kernels' CPU tests will skip"
 	$(BIN)/python -m pytest
 
 ## Re-execute the labs and store their outputs and widget state (refuses GPU labs on CPU machines).
