@@ -110,7 +110,6 @@ def _eager_fused(model, batch: int, context: int):
     def step() -> None:
         runner.decode(rows, [context] * batch, ids)
 
-    step.runner = runner  # keep it alive with the closure
     return step
 
 

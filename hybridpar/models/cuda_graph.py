@@ -43,6 +43,7 @@ import torch
 
 from hybridpar.models.attention_backend import ContiguousKVCache, ForwardBatch, ForwardMode
 from hybridpar.models.decode_attention import StaticDecodeBackend, flat_kv
+from hybridpar.models.sampling import SamplingParams, sample
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -144,6 +145,14 @@ class DecodeGraphRunner:
                 self._capture(key)
             self.graphs[key].replay()
         return self.outputs[key][0][: len(rows)]
+
+    def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+               generators: Sequence[torch.Generator]) -> list[int]:
+        """The next token of each request of the last step: the step's own argmax when every request is
+        greedy (:meth:`greedy_tokens`), else :func:`~hybridpar.models.sampling.sample` on ``logits``."""
+        if all(p.greedy for p in params):
+            return self.greedy_tokens()
+        return sample(logits, list(params), list(generators))
 
     def greedy_tokens(self) -> list[int]:
         """The last step's greedy tokens (computed in the step; one device-to-host copy, made once)."""

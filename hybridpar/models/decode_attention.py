@@ -138,16 +138,20 @@ class StaticDecodeBackend(AttentionBackend):
         if self.slots is None:
             raise RuntimeError("StaticDecodeBackend.forward before bind(slots, seq_lens, out_loc)")
         k_store, v_store = self.k_flat[layer_id], self.v_flat[layer_id]
-        if use_fused(k) and k.dtype == k_store.dtype and k.stride(1) == v.stride(1) == k.shape[2]:
-            from hybridpar.models.triton_ops import store_kv
-
-            store_kv(k_store, v_store, self.out_loc, k, v)  # both writes in one kernel
-        else:
-            k_store.index_copy_(0, self.out_loc, k.to(k_store.dtype))
-            v_store.index_copy_(0, self.out_loc, v.to(v_store.dtype))
+        self._store(k_store, v_store, k, v)
         if self.attention_backend == "triton":
             from hybridpar.models.triton_decode import decode_attention_fwd
 
             return decode_attention_fwd(q.contiguous(), k_store, v_store, self.kv_indptr, self.seq_lens,
                                         self.slots.view(-1), self.scaling, self.num_kv_splits)
         return decode_attention(q, k_store, v_store, self.slots, self.mask, self.scaling)
+
+    def _store(self, k_store: torch.Tensor, v_store: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The step's new K/V at ``out_loc``: one fused kernel where it applies, else two index copies."""
+        if use_fused(k):
+            from hybridpar.models.triton_ops import store_kv, store_kv_supported
+
+            if store_kv_supported(k_store, k, v):
+                return store_kv(k_store, v_store, self.out_loc, k, v)
+        k_store.index_copy_(0, self.out_loc, k.to(k_store.dtype))
+        v_store.index_copy_(0, self.out_loc, v.to(v_store.dtype))

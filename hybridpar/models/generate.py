@@ -96,8 +96,7 @@ def generate(model: DecoderForCausalLM, prompts: Sequence[Sequence[int]],
         step_params = [params[i] for i in active]
         if fb.forward_mode == ForwardMode.DECODE and runner is not None:
             logits = runner.decode(fb.req_pool_indices, fb.seq_lens, input_ids)
-            greedy = all(p.greedy for p in step_params)  # the step took the argmax itself
-            tokens = runner.runner.greedy_tokens() if greedy else sample(logits, step_params, [gens[i] for i in active])
+            tokens = runner.runner.sample(logits, step_params, [gens[i] for i in active])
         else:
             hidden = model(torch.tensor(input_ids, dtype=torch.long, device=device), fb.positions, fb)
             logits = model.compute_logits(hidden[fb.last_token_indices()])

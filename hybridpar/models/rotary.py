@@ -67,6 +67,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.max_positions = head_dim, max_positions
         self.rope = rope
         self.register_buffer("inv_freq", inverse_frequencies(rope, head_dim), persistent=False)
+        self._table_key = (tuple(self.inv_freq.tolist()), max_positions)  # this module's cos/sin table
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos``, ``sin`` of shape ``[T, 1, d]`` (broadcast over heads)."""
@@ -89,8 +90,6 @@ class RotaryEmbedding(nn.Module):
         (down to where ``inv_freq`` was computed: on a GPU, ``pow`` may round differently than on the
         CPU). One table per frequency set, dtype and device, shared by every layer; built at the
         first call, which is eager (prefill, or a graph's warm-up), never inside a capture."""
-        if getattr(self, "_table_key", None) is None:
-            self._table_key = (tuple(self.inv_freq.tolist()), self.max_positions)
         key = (*self._table_key, dtype, torch.device(device))
         if key not in _TABLES:
             cos, sin = self.cos_sin(torch.arange(self.max_positions, device=device), dtype)

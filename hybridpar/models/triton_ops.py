@@ -164,11 +164,17 @@ def _store_kv_kernel(K, V, KStore, VStore, Loc, stride_kt, stride_vt, stride_ks,
     tl.store(VStore + slot * stride_vs + offs, tl.load(V + t * stride_vt + offs, mask=mask), mask=mask)
 
 
+def store_kv_supported(k_store: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`store_kv` takes these tensors: each token's heads contiguous, the store's dtype."""
+    return (k.dtype == v.dtype == k_store.dtype and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]
+            and k.stride(2) == v.stride(2) == 1)
+
+
 def store_kv(k_store: torch.Tensor, v_store: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """``k_store[loc[t]] = k[t]`` and ``v_store[loc[t]] = v[t]`` in one kernel (``[N, Hkv, d]`` stores,
     ``k``/``v`` ``[T, Hkv, d]`` with contiguous heads, the stores' dtype)."""
     row = k.shape[1] * k.shape[2]
-    if not (k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2] and k.stride(2) == v.stride(2) == 1):
-        raise ValueError("store_kv needs each token's heads contiguous")
+    if not store_kv_supported(k_store, k, v):
+        raise ValueError("store_kv needs each token's heads contiguous and the store's dtype")
     _store_kv_kernel[(k.shape[0],)](k, v, k_store, v_store, loc, k.stride(0), v.stride(0), k_store.stride(0),
                                     v_store.stride(0), ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)

@@ -61,10 +61,11 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor | None, params: list[SamplingParams],
                generators: list[torch.Generator]) -> list[int]:
-        """The next token of each sampled row (rank 0). After a graph-replayed decode step of greedy
-        requests, the step's own argmax, read back in one copy; otherwise :func:`~hybridpar.models.sampling.sample`."""
-        if self._graph_step and all(p.greedy for p in params):
-            return self.graph_runner.greedy_tokens()
+        """The next token of each sampled row (rank 0). After a graph-replayed decode step, the graph
+        runner's (greedy requests: the step's own argmax, read back in one copy); otherwise
+        :func:`~hybridpar.models.sampling.sample`."""
+        if self._graph_step:
+            return self.graph_runner.sample(logits, params, generators)
         return sample(logits, params, generators) if params else []
 
     def _graph_decode(self, plan: StepPlan) -> torch.Tensor:
