@@ -40,7 +40,7 @@ KINDS = (  # first match wins
     ("rope", r"rotary"),
     ("swiglu", r"silu"),
     ("gemm", r"gemm|gemv|cutlass|nvjet|sm90_|splitk|splitK|cublas|xmma|ampere"),
-    ("kv write / index", r"index|scatter|gather|copy|where|arange|fill"),
+    ("kv write / index", r"store_kv|index|scatter|gather|copy|where|arange|fill"),
 )
 
 
